@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="xbraid_transformers",
+    version="0.1.0",
+    description="Layer-parallel training of deep transformers with MGRIT (multigrid reduction in time)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["xbraid_transformers", "xbraid_transformers.*"]),
+    install_requires=["torch>=2.1", "numpy"],
+    extras_require={
+        "dev": ["pytest>=7"],
+    },
+    entry_points={"console_scripts": []},
+)

@@ -1,0 +1,4 @@
+"""MGRIT (multigrid reduction in time) in PyTorch: the generic solver and its adjoint."""
+from .solver import MGRITDivergenceError, MGRITResult, solve
+
+__all__ = ["solve", "MGRITResult", "MGRITDivergenceError"]

@@ -1,0 +1,63 @@
+"""Synchronised dropout: the same masks every time a layer is evaluated for one micro-batch.
+
+MGRIT evaluates a layer many times per batch (relaxation sweeps, coarse steps, the final sweep
+and the adjoint), possibly on several processes. A fresh dropout mask at every evaluation would
+make the layer a different function each time and break convergence. Instead every evaluation of
+layer n for micro-batch b runs under the random state seeded by (seed, n, b), so any evaluator of
+that layer draws identical masks without communication. The draw follows the input's shape, so a
+change of batch size just works. The caller's random state is restored afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_MASK64 = (1 << 63) - 1
+
+
+def layer_seed(seed: int, layer: int, micro_batch: int) -> int:
+    """A well-mixed 63-bit seed for (seed, layer, micro_batch) (splitmix64 finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (layer + 1) * 0xBF58476D1CE4E5B9
+         + (micro_batch + 1) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _MASK64
+
+
+class DropoutSync:
+    """Random state per (layer, micro-batch).
+
+    ``next_micro_batch()`` is called once per forward call in training mode and returns the key
+    that all evaluations belonging to that call use. ``seed`` must be equal on every process
+    that evaluates layers of the same model (the default takes ``torch.initial_seed()``).
+    """
+
+    def __init__(self, seed: int | None = None):
+        self.seed = torch.initial_seed() if seed is None else int(seed)
+        self.micro_batch = 0
+
+    def next_micro_batch(self) -> int:
+        key = self.micro_batch
+        self.micro_batch += 1
+        return key
+
+    @contextlib.contextmanager
+    def scope(self, layer: int, micro_batch: int | None, device: torch.device):
+        """Run the body with the random state of (layer, micro_batch); no-op when None."""
+        if micro_batch is None:
+            yield
+            return
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+            seed = layer_seed(self.seed, layer, micro_batch)
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)
+            yield
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "micro_batch": self.micro_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.micro_batch = int(state["seed"]), int(state["micro_batch"])
