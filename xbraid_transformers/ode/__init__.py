@@ -1,0 +1,1 @@
+"""Transformer layers as ODE right-hand sides, and synchronised dropout."""
