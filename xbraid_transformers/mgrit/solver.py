@@ -158,23 +158,22 @@ class _Solver:
             fine.u[c - fine.lo] = fine.u[c - fine.lo] + (coarse.u[j] - coarse.restricted[j])
 
     # ----------------------------------------------------------------- cycles
-    def cycle(self, l: int, kind: str, skip: bool, on_residual) -> bool:
-        """One cycle from level l. Returns False when the iteration stopped at the tolerance."""
+    def cycle(self, l: int, kind: str, skip: bool, on_residual) -> None:
+        """One cycle from level l; the fine-level residual norm goes to ``on_residual``."""
         level = self.levels[l]
         if l == len(self.levels) - 1:
             self.serial_solve(level)
-            return True
+            return
         if not skip:
             self.relax(level)
         sq = self.restrict(l, fas=not skip)
-        if l == 0 and not skip and not on_residual(math.sqrt(self.comm.allreduce_sum(sq))):
-            return False
+        if l == 0 and not skip:
+            on_residual(math.sqrt(self.comm.allreduce_sum(sq)))
         self.cycle(l + 1, kind, skip, on_residual)
         if kind == "F":
             self.cycle(l + 1, "V", False, on_residual)
         self.correct(l)
         self.f_relax(level)
-        return True
 
     def final_sweep(self):
         level = self.levels[0]
@@ -214,8 +213,9 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
 
     step: ``step(u, n, dt) -> u_next``; n is the fine index of the interval start and dt the
         step size of the level (``step_size`` times the level's spacing).
-    max_iters: iterations at most (default ``config.fwd_iters``); fewer when ``config.tol`` or
-        ``config.rtol`` is met.
+    max_iters: iterations at most (default ``config.fwd_iters``); fewer when a residual is below
+        ``config.tol`` or ``config.rtol`` times the first residual (strict, as in XBraid; the
+        iteration that meets it still completes its cycle).
     initial_states: the states to start from (warm start); their first entry is replaced by u0.
         A warm start never skips the first down-cycle (that would discard the C-point values).
     callback: ``callback(k, states)`` after iteration k with the fine states (before the final
@@ -247,7 +247,7 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
     fine.g = [None] * len(fine.u)
     result = MGRITResult(states=fine.u)
 
-    def on_residual(norm: float) -> bool:
+    def on_residual(norm: float) -> None:
         if not math.isfinite(norm):
             raise MGRITDivergenceError(
                 f"MGRIT residual norm became {norm} at iteration {result.iterations + 1}: the "
@@ -255,17 +255,18 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
                 "by a step)")
         result.residuals.append(norm)
         tol = max(config.tol, config.rtol * result.residuals[0])
-        result.converged = tol > 0 and norm <= tol
-        return not result.converged
+        result.converged = norm < tol  # XBraid's strict test; tol = 0 never stops
 
     if config.levels > 1:
         for k in range(max_iters):
             skip = k == 0 and config.skip_first_downcycle and initial_states is None
-            finished = solver.cycle(0, config.cycle, skip, on_residual)
+            # Like XBraid, an iteration whose residual meets the tolerance still completes
+            # its cycle (coarse correction included) before the solve stops.
+            solver.cycle(0, config.cycle, skip, on_residual)
             result.iterations = k + 1
             if callback is not None:
                 callback(k + 1, list(fine.u))
-            if not finished:
+            if result.converged:
                 break
     solver.final_sweep()
     result.states = fine.u
