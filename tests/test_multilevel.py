@@ -1,0 +1,166 @@
+"""Multilevel training in depth: coarse views, prolongation, schedules."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import xbraid_transformers as xbt
+from xbraid_transformers.multilevel import (MultilevelSchedule, Phase, coarse_view, prolongate,
+                                            train_multilevel)
+
+from problems import TanhLayer
+
+
+class Net(nn.Module):
+    def __init__(self, num_layers=8, width=6, mgrit=None, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(3, width)
+        self.stack = xbt.LayerParallel([TanhLayer(width) for _ in range(num_layers)],
+                                       mgrit=mgrit or xbt.MGRITConfig(levels=2, cfactor=2))
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x):
+        return self.out(self.stack(self.inp(x)))
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_restriction_then_prolongation_without_training_leaves_the_model_unchanged():
+    model = Net()
+    before = snapshot(model)
+    x = torch.randn(5, 3)
+    out = model(x)
+    for offset in (0, 1):
+        with coarse_view(model, 2, offset):
+            model(x)
+    after = snapshot(model)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert torch.equal(model(x), out)
+    assert len(model.stack.layers) == 8 and model.stack.step_size == pytest.approx(1 / 8)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_coarse_forward_equals_a_hand_built_half_depth_network(offset, parallel):
+    cfg = xbt.MGRITConfig(levels=2, cfactor=2, fwd_iters=20, tol=1e-12)
+    model = Net(8, mgrit=cfg).double()
+    if not parallel:
+        model.stack.serial()
+    hand = xbt.LayerParallel([copy.deepcopy(model.stack.layers[i]) for i in range(offset, 8, 2)],
+                             step_size=2 / 8).serial()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    expected = model.out(hand(model.inp(x)))
+    with coarse_view(model, 2, offset):
+        assert model.stack.parallel == parallel   # 4 coarse layers still fit cfactor 2
+        got = model(x)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_a_coarse_step_updates_exactly_the_layers_of_its_view():
+    model = Net(8)
+    before = snapshot(model)
+    data = torch.randn(16, 3), torch.randn(16, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = MultilevelSchedule((Phase(2, 1, 1),))
+    train_multilevel(model, opt, lambda m, s: nn.functional.mse_loss(m(data[0]), data[1]), schedule)
+    after = snapshot(model)
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        if name.startswith("stack.layers."):
+            layer = int(name.split(".")[2])
+            assert changed == (layer % 2 == 1), name
+        else:
+            assert changed, name    # input and output maps are shared by every view
+
+
+def test_prolongation_copy_and_linear():
+    model = Net(8)
+    layers = model.stack.layers
+    w0, w2 = layers[0].linear.weight.detach().clone(), layers[2].linear.weight.detach().clone()
+    prolongate(model, 2, "linear")
+    torch.testing.assert_close(layers[1].linear.weight, 0.5 * (w0 + w2))
+    assert torch.equal(layers[0].linear.weight, w0)           # trained layers untouched
+    w6 = layers[6].linear.weight.detach().clone()
+    assert torch.equal(layers[7].linear.weight, w6)           # last block copies
+    prolongate(model, 4, "copy")
+    for i in (1, 2, 3):
+        assert torch.equal(layers[i].linear.weight, w0)
+    with pytest.raises(ValueError, match="method"):
+        prolongate(model, 2, "cubic")
+
+
+def test_mgopt_correction_makes_the_first_coarse_gradient_the_fine_one():
+    model = Net(8).double()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    loss_on = lambda m, s: nn.functional.mse_loss(m(x), y)
+    fine = copy.deepcopy(model)
+    fine_grads = torch.autograd.grad(loss_on(fine, 0), list(fine.parameters()))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = snapshot(model)
+    train_multilevel(model, opt, loss_on, MultilevelSchedule((Phase(2, 0, 1),), mgopt=True))
+    # one SGD step with lr 1: the change is minus the (corrected) gradient
+    names = [n for n, _ in fine.named_parameters()]
+    for name, g in zip(names, fine_grads):
+        delta = before[name] - model.state_dict()[name]
+        in_view = not name.startswith("stack.layers.") or int(name.split(".")[2]) % 2 == 0
+        torch.testing.assert_close(delta, g if in_view else torch.zeros_like(g), atol=1e-12, rtol=1e-10)
+
+
+def test_nested_iteration_reaches_the_target_and_needs_its_coarse_steps():
+    torch.manual_seed(3)
+    x = torch.randn(64, 3)
+    teacher = Net(8, seed=5)
+    with torch.no_grad():
+        y = teacher(x)
+    loss_on = lambda m, s: nn.functional.mse_loss(m(x), y)
+    schedule = MultilevelSchedule.nested([60, 60, 5], method="copy")
+
+    def final_loss(skip_coarse):
+        model = Net(8, seed=1)
+        model.stack.serial()
+        opt = torch.optim.Adam(model.parameters(), lr=0.02)
+        if skip_coarse:   # control: coarse phases do nothing
+            original = opt.step
+            opt.step = lambda: original() if len(model.stack.layers) == 8 else None
+        train_multilevel(model, opt, loss_on, schedule)
+        with torch.no_grad():
+            return float(loss_on(model, 0))
+
+    with torch.no_grad():
+        start = float(loss_on(Net(8, seed=1), 0))
+    trained, control = final_loss(False), final_loss(True)
+    assert trained < 0.1 * start
+    assert control > 3 * trained
+
+
+def test_schedules_and_bad_input():
+    v = MultilevelSchedule.v_cycle(coarse_steps=3, fine_steps=2, cycles=2)
+    assert [(p.stride, p.offset, p.steps) for p in v] == [(2, 0, 3), (2, 1, 3), (1, 0, 2)] * 2
+    assert v.total_steps == 16
+    nested = MultilevelSchedule.nested([5, 6, 7])
+    assert [(p.stride, p.steps, p.prolongate_after) for p in nested] == [(4, 5, "copy"), (2, 6, "copy"), (1, 7, None)]
+    with pytest.raises(ValueError, match="optimizer_state"):
+        MultilevelSchedule.v_cycle(1, 1, 1, optimizer_state="transfer-ish")
+    with pytest.raises(ValueError, match="at least one step"):
+        MultilevelSchedule((Phase(2, 0, 0),))
+    with pytest.raises(ValueError, match="cannot be coarsened"):
+        with coarse_view(Net(6, mgrit=xbt.MGRITConfig(levels=1)), 4):
+            pass
+    with pytest.raises(ValueError, match="no LayerParallel"):
+        with coarse_view(nn.Linear(2, 2)):
+            pass
+    model = Net(8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 3)
+    model(x).sum().backward()
+    opt.step()
+    assert opt.state
+    train_multilevel(model, opt, lambda m, s: m(x).sum(),
+                     MultilevelSchedule((Phase(2, 0, 1),), optimizer_state="reset"))
+    assert all(p not in opt.state for p in model.stack.layers[1].parameters())
