@@ -1,0 +1,247 @@
+"""Multilevel training in depth versus single-level training: FLOPs and time to a target loss.
+
+    python benchmarks/multilevel.py                     # GPT on Shakespeare + ViT on MNIST-5k
+    python benchmarks/multilevel.py --quick             # fewer steps and seeds (a smoke run)
+
+For each family, optimizer (SGD with momentum, AdamW) and seed, the same initial model is
+trained (a) single-level for ``--steps`` steps and (b) with each multilevel schedule. The target
+is the validation loss single-level training reaches at the end of its budget (median over
+seeds); the multilevel runs get 1.5x that budget in steps. FLOPs are counted per training step
+of each view with ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward, counted
+once per view and batch shape), not estimated from time. The validation loss is evaluated on
+the fine model at the end of every phase (every ``--phase`` steps for the single-level run).
+Writes ``benchmarks/results/multilevel.json`` and a Markdown table beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from xbraid_transformers.multilevel import MultilevelSchedule, Phase, coarse_view, train_multilevel
+
+
+# ----------------------------------------------------------------------------- families
+def gpt_family(quick: bool):
+    from xbraid_transformers.data.text import shakespeare_lm
+    from xbraid_transformers.models.gpt import GPT, GPTConfig
+
+    data = shakespeare_lm(tokenizer="bpe", vocab_size=1024)
+    block, batch = 64, 16
+    val_gen = torch.Generator().manual_seed(1234)
+    val = [data.get_batch("val", batch, block, val_gen) for _ in range(4 if quick else 8)]
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=block, d_model=64, n_heads=4,
+                              num_layers=8))
+        model.serial()
+        return model
+
+    def train_batch(seed):
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        cache = {}
+
+        def loss_on(model, step):
+            if step not in cache:
+                cache.clear()
+                cache[step] = data.get_batch("train", batch, block, gen)
+            x, y = cache[step]
+            return model(x, y)[1]
+        return loss_on
+
+    def val_loss(model):
+        with torch.no_grad():
+            return statistics.fmean(float(model(x, y)[1]) for x, y in val)
+
+    return make, train_batch, val_loss, dict(sgd_lr=0.3, adamw_lr=3e-3)
+
+
+def vit_family(quick: bool):
+    from xbraid_transformers.data.images import images_to_float, mnist_5k
+    from xbraid_transformers.models.vit import ViT, ViTConfig
+
+    images, labels = mnist_5k()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # file is sorted by class
+    images, labels = images_to_float(images).reshape(-1, 1, 28, 28)[order], labels[order]
+    train_x, train_y = images[:4000], labels[:4000]
+    val_x, val_y = images[4000:], labels[4000:]
+    batch = 64
+    loss_fn = nn.CrossEntropyLoss()
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = ViT(ViTConfig(d_model=32, n_heads=4, num_layers=8))
+        model.serial()
+        return model
+
+    def train_batch(seed):
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        cache = {}
+
+        def loss_on(model, step):
+            if step not in cache:
+                cache.clear()
+                idx = torch.randint(len(train_x), (batch,), generator=gen)
+                cache[step] = train_x[idx], train_y[idx]
+            x, y = cache[step]
+            return loss_fn(model(x), y)
+        return loss_on
+
+    def val_loss(model):
+        with torch.no_grad():
+            return float(loss_fn(model(val_x), val_y))
+
+    return make, train_batch, val_loss, dict(sgd_lr=0.5, adamw_lr=3e-3)
+
+
+FAMILIES = {"gpt": gpt_family, "vit": vit_family}
+
+
+# ----------------------------------------------------------------------------- measuring
+def step_flops(model, loss_on, stride, offset):
+    """FLOPs of one forward + backward on the view (stride, offset); (1, 0) is the fine model."""
+    probe = copy.deepcopy(model)
+    view = coarse_view(probe, stride, offset) if stride > 1 else _null(probe)
+    with view, FlopCounterMode(display=False) as counter:
+        loss_on(probe, -1).backward()
+    return counter.get_total_flops()
+
+
+class _null:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc):
+        return False
+
+
+def make_optimizer(name, params, lrs):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lrs["sgd_lr"], momentum=0.9)
+    return torch.optim.AdamW(params, lr=lrs["adamw_lr"], weight_decay=0.01)
+
+
+def run(model, optimizer, loss_on, schedule, val_loss, flops_of):
+    """Train phase by phase; after each phase record (cumulative FLOPs, seconds, val loss)."""
+    curve, flops, seconds = [(0, 0.0, val_loss(model))], 0, 0.0
+    for phase in schedule:
+        one = MultilevelSchedule((phase,), optimizer_state=schedule.optimizer_state, mgopt=schedule.mgopt)
+        start = time.perf_counter()
+        train_multilevel(model, optimizer, loss_on, one)
+        seconds += time.perf_counter() - start
+        extra = 2 if (schedule.mgopt and not phase.is_fine) else 0   # MG/OPT: fine + coarse gradient
+        flops += (phase.steps + extra) * flops_of[(phase.stride, phase.offset)]
+        if extra:
+            flops += flops_of[(1, 0)] - flops_of[(phase.stride, phase.offset)]
+        curve.append((flops, seconds, val_loss(model)))
+    return curve
+
+
+def to_target(curve, target):
+    for flops, seconds, loss in curve[1:]:   # the untrained model does not count
+        if loss <= target:
+            return flops, seconds
+    return None, None
+
+
+def schedules(steps, phase):
+    cycles = max(1, round(1.5 * steps / (3 * phase)))
+    nested = [phase * max(1, round(1.5 * steps / phase / 3))] * 3
+    return {
+        "single-level": MultilevelSchedule(tuple(Phase(1, 0, phase) for _ in range(steps // phase))),
+        "v-cycle": MultilevelSchedule.v_cycle(phase, phase, cycles),
+        "v-cycle+mgopt": MultilevelSchedule.v_cycle(phase, phase, cycles, mgopt=True),
+        "v-cycle, reset state": MultilevelSchedule.v_cycle(phase, phase, cycles, optimizer_state="reset"),
+        "nested N/4->N/2->N": MultilevelSchedule.nested(nested, method="copy"),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--phase", type=int, default=25)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps, args.phase = 1, 60, 10
+    torch.set_num_threads(1)
+    results = []
+    for family in args.families:
+        make, train_batch, val_loss, lrs = FAMILIES[family](args.quick)
+        reference = make(0)
+        probe_loss = train_batch(0)
+        flops_of = {view: step_flops(reference, probe_loss, *view) for view in [(1, 0), (2, 0), (2, 1), (4, 0)]}
+        for opt_name in args.optimizers:
+            curves = {}
+            for name, schedule in schedules(args.steps, args.phase).items():
+                for seed in range(args.seeds):
+                    model = make(seed)
+                    optimizer = make_optimizer(opt_name, model.parameters(), lrs)
+                    curves[(name, seed)] = run(model, optimizer, train_batch(seed), schedule, val_loss, flops_of)
+            target = statistics.median(curves[("single-level", s)][-1][2] for s in range(args.seeds))
+            base = [to_target(curves[("single-level", s)], target) for s in range(args.seeds)]
+            for name in schedules(args.steps, args.phase):
+                rows = []
+                for seed in range(args.seeds):
+                    flops, seconds = to_target(curves[(name, seed)], target)
+                    base_flops, base_seconds = base[seed]
+                    rows.append(dict(seed=seed, flops=flops, seconds=seconds,
+                                     flop_ratio=_ratio(base_flops, flops), time_ratio=_ratio(base_seconds, seconds),
+                                     final_val=curves[(name, seed)][-1][2]))
+                results.append(dict(family=family, optimizer=opt_name, schedule=name, target=target,
+                                    flops_per_step={f"{k[0]}:{k[1]}": v for k, v in flops_of.items()},
+                                    runs=rows, curves={s: curves[(name, s)] for s in range(args.seeds)}))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "multilevel.json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
+                                                              results=results), indent=1))
+    table = markdown(results)
+    (args.out / "multilevel.md").write_text(table)
+    print(table)
+
+
+def _ratio(base, value):
+    return base / value if base is not None and value else None
+
+
+def _spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "not reached"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def markdown(results):
+    lines = ["| family | optimizer | schedule | target val loss | FLOP ratio to target (median [min, max]) "
+             "| wall-time ratio | reached |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        reached = sum(x["flops"] is not None for x in r["runs"])
+        lines.append(f"| {r['family']} | {r['optimizer']} | {r['schedule']} | {r['target']:.3f} | "
+                     f"{_spread([x['flop_ratio'] for x in r['runs']])} | "
+                     f"{_spread([x['time_ratio'] for x in r['runs']])} | {reached}/{len(r['runs'])} |")
+    lines.append("")
+    lines.append("Ratios are single-level / multilevel (above 1: multilevel needs fewer). FLOPs per "
+                 "step (forward + backward) by view: " + "; ".join(
+                     f"{r['family']} " + ", ".join(f"{k}={v / 1e6:.1f}M" for k, v in r["flops_per_step"].items())
+                     for r in results[:: max(1, len(results) // max(1, len({x['family'] for x in results})))]))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
