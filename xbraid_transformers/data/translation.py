@@ -1,0 +1,341 @@
+"""Translation pairs: KJV / Reina-Valera 1909 verses from the SWORD zText modules (Debian
+``sword-text-kjv``, ``sword-text-sparv``), a user's TSV of sentence pairs, the Debian
+``trans-de-en`` dictionary; padded (src, tgt) batches and BLEU (``sacrebleu``)."""
+from __future__ import annotations
+
+import html
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import sources
+from .batching import DEFAULT_FRACTIONS, iterate_minibatches, pad_sequences, split_indices
+from .cache import cache_dir, fingerprint, load_ragged, read_meta, save_ragged, write_meta
+from .sources import PathLike
+from .tokenize import cached_tokenizer, load_tokenizer
+
+KJV = "engKJV2006eb"
+RV1909 = "spaRV1909eb"
+BPE_SPECIALS = ("<pad>", "<s>", "</s>")
+_CACHE_VERSION = 2
+
+# --- SWORD zText ---------------------------------------------------------------------------
+
+
+def read_ztext(module_dir: PathLike, testament: str) -> List[str]:
+    """Raw OSIS text of every index entry of one testament (``"ot"`` or ``"nt"``).
+
+    ``.bzs``: ``<III`` (offset in .bzz, compressed size, uncompressed size) per block;
+    ``.bzv``: ``<IIH`` (block, offset in the uncompressed block, size) per entry;
+    ``.bzz``: the zlib-compressed blocks."""
+    d = Path(module_dir)
+    bzs_p, bzv_p, bzz_p = (d / f"{testament}.{ext}" for ext in ("bzs", "bzv", "bzz"))
+    for p in (bzs_p, bzv_p, bzz_p):
+        if not p.is_file():
+            raise FileNotFoundError(f"zText file '{p}' not found")
+    bzs, bzv, bzz = bzs_p.read_bytes(), bzv_p.read_bytes(), bzz_p.read_bytes()
+    if len(bzs) % 12:
+        raise ValueError(f"{bzs_p}: size {len(bzs)} is not a multiple of 12-byte block records")
+    if len(bzv) % 10:
+        raise ValueError(f"{bzv_p}: size {len(bzv)} is not a multiple of 10-byte verse records")
+    blocks = list(struct.iter_unpack("<III", bzs))
+    cache: Dict[int, bytes] = {}
+
+    def block(b: int, entry: int) -> bytes:
+        if b not in cache:
+            if b >= len(blocks):
+                raise ValueError(f"{bzv_p}: record {entry} names block {b}, but {bzs_p} has {len(blocks)} blocks")
+            off, csize, usize = blocks[b]
+            if off + csize > len(bzz):
+                raise ValueError(f"{bzs_p}: block {b} spans bytes {off}..{off + csize} of {bzz_p}, "
+                                 f"which has only {len(bzz)} bytes")
+            try:
+                data = zlib.decompress(bzz[off:off + csize])
+            except zlib.error as e:
+                raise ValueError(f"{bzz_p}: block {b} is not valid zlib data ({e})") from None
+            if len(data) != usize:
+                raise ValueError(f"{bzz_p}: block {b} inflates to {len(data)} bytes, {bzs_p} says {usize}")
+            cache[b] = data
+        return cache[b]
+
+    out: List[str] = []
+    for i, (b, off, size) in enumerate(struct.iter_unpack("<IIH", bzv)):
+        if size == 0:
+            out.append("")
+            continue
+        data = block(b, i)
+        if off + size > len(data):
+            raise ValueError(f"{bzv_p}: record {i} (bytes {off}..{off + size} of block {b}) runs past the "
+                             f"end of that block ({len(data)} bytes uncompressed) in {bzz_p}")
+        try:
+            out.append(data[off:off + size].decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{bzz_p}: record {i} is not UTF-8 ({e})") from None
+    return out
+
+
+def read_module(module_dir: PathLike) -> List[str]:
+    """All entries of a zText module: the Old then the New Testament (those present)."""
+    d = Path(module_dir)
+    present = [t for t in ("ot", "nt") if (d / f"{t}.bzv").exists()]
+    if not present:
+        raise FileNotFoundError(f"no ot.bzv or nt.bzv in '{d}'")
+    return [e for t in present for e in read_ztext(d, t)]
+
+
+_NOTE = re.compile(r"<note\b[^>]*>.*?</note\s*>", re.S)
+_NOTE_EMPTY = re.compile(r"<note\b[^>]*/>")
+_TITLE = re.compile(r"<title\b([^>]*)>.*?</title\s*>", re.S)
+_TAG = re.compile(r"<(/?)([\w:]*)[^>]*>")
+# Inline elements wrap parts of words ("<w>earth</w>."); the others separate text.
+_INLINE = {"w", "transChange", "divineName", "foreign", "q", "seg", "hi", "reference", "rdg", "name"}
+_BOOK_START = re.compile(r"<div\b(?=[^>]*\btype=\"book\")(?=[^>]*\bsID=)[^>]*>")
+_MAIN_TITLE = re.compile(r"<title\b[^>]*\btype=\"main\"")
+
+
+def osis_to_text(raw: str) -> str:
+    """Plain text of an OSIS entry: ``<note>...</note>`` and non-canonical headings (e.g. the
+    Hebrew letters of Psalm 119) removed, all other tags dropped, entities unescaped, the
+    paragraph sign removed and whitespace collapsed. Canonical psalm titles are kept."""
+    s = _NOTE_EMPTY.sub("", _NOTE.sub(" ", raw))
+    s = _TITLE.sub(lambda m: m.group(0) if 'canonical="true"' in m.group(1) else " ", s)
+    s = _TAG.sub(lambda m: "" if m.group(2) in _INLINE else " ", s)
+    return " ".join(html.unescape(s).replace("\u00b6", " ").split())
+
+
+def is_header(raw: str) -> bool:
+    """A book-title entry (the book's opening ``<div type="book" sID=...>`` or a main title)."""
+    return bool(_BOOK_START.search(raw) or _MAIN_TITLE.search(raw))
+
+
+def bible_pairs(src_module: str = KJV, tgt_module: str = RV1909, root: Optional[PathLike] = None
+                ) -> List[Tuple[str, str]]:
+    """Aligned verse pairs of two zText modules with the same versification: entry i is verse i
+    in both. Pairs where either side is a header or empty are dropped."""
+    src = read_module(sources.sword_module_dir(src_module, root))
+    tgt = read_module(sources.sword_module_dir(tgt_module, root))
+    if len(src) != len(tgt):
+        raise ValueError(f"modules {src_module} ({len(src)} entries) and {tgt_module} ({len(tgt)}) "
+                         f"do not share a versification")
+    pairs = []
+    for a, b in zip(src, tgt):
+        if is_header(a) or is_header(b):
+            continue
+        ta, tb = osis_to_text(a), osis_to_text(b)
+        if ta and tb:
+            pairs.append((ta, tb))
+    return pairs
+
+
+def kjv_rv_pairs(root: Optional[PathLike] = None, direction: str = "en-es") -> List[Tuple[str, str]]:
+    """~31k (English KJV, Spanish Reina-Valera 1909) verse pairs; ``direction="es-en"`` swaps."""
+    pairs = bible_pairs(KJV, RV1909, root)
+    if direction == "es-en":
+        return [(b, a) for a, b in pairs]
+    if direction != "en-es":
+        raise ValueError(f"direction must be 'en-es' or 'es-en', got {direction!r}")
+    return pairs
+
+
+# --- other pair sources --------------------------------------------------------------------
+
+def read_tsv_pairs(path: PathLike) -> List[Tuple[str, str]]:
+    """A user's sentence pairs: one ``source<TAB>target`` per line (further columns ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"TSV file '{path}' not found")
+    pairs = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                cols = line.split("\t")
+                if len(cols) < 2:
+                    raise ValueError(f"{path}, line {lineno}: no tab-separated target (expected 'source<TAB>target')")
+                a, b = cols[0].strip(), cols[1].strip()
+                if not a or not b:
+                    raise ValueError(f"{path}, line {lineno}: empty source or target")
+                pairs.append((a, b))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({e})") from None
+    if not pairs:
+        raise ValueError(f"{path}: no sentence pairs")
+    return pairs
+
+
+_ANNOT = re.compile(r"\{[^}]*\}|\[[^\]]*\]|\([^)]*\)")
+
+
+def trans_de_en_pairs(path: Optional[PathLike] = None, min_words: int = 0) -> List[Tuple[str, str]]:
+    """(German, English) pairs from Debian ``trans-de-en`` (``German :: English``; sub-entries
+    split on `` | ``, first synonym of each ``;`` list, ``{}``/``[]``/``()`` annotations dropped);
+    keep pairs with at least ``min_words`` English words. GPL-2+: never commit the output."""
+    p = sources.trans_de_en_file(path)
+    pairs = []
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("#") or " :: " not in line:
+                continue
+            de, en = line.rstrip("\n").split(" :: ", 1)
+            des, ens = de.split(" | "), en.split(" | ")
+            if len(des) != len(ens):
+                continue
+            for a, b in zip(des, ens):
+                a = " ".join(_ANNOT.sub(" ", a.split(";")[0]).split())
+                b = " ".join(_ANNOT.sub(" ", b.split(";")[0]).split())
+                if a and b and len(b.split()) >= min_words:
+                    pairs.append((a, b))
+    return pairs
+
+
+# --- batches -------------------------------------------------------------------------------
+
+class Seq2SeqBatch(NamedTuple):
+    src: torch.Tensor          # [B, S] int64, right-padded with pad_id; ends with EOS
+    src_lengths: torch.Tensor  # [B]
+    tgt: torch.Tensor          # [B, T] int64: BOS ... EOS then pad; input tgt[:, :-1], labels tgt[:, 1:]
+    tgt_lengths: torch.Tensor  # [B]
+    pad_id: int
+
+
+def _special_ids(tok) -> Tuple[int, int, int]:
+    for pad, bos, eos in (("<pad>", "<s>", "</s>"), ("[PAD]", "[CLS]", "[SEP]")):
+        ids = (tok.token_to_id(pad), tok.token_to_id(bos), tok.token_to_id(eos))
+        if None not in ids:
+            return ids  # type: ignore[return-value]
+    raise ValueError("tokenizer needs <pad> <s> </s> (or [PAD] [CLS] [SEP]) special tokens")
+
+
+class TranslationData:
+    """Tokenized sentence pairs per split with padded batches.
+
+    ``splits[name] = (src_ids, tgt_ids)``, lists of 1-D int arrays without BOS/EOS."""
+
+    def __init__(self, splits: Dict[str, Tuple[List[np.ndarray], List[np.ndarray]]], tokenizer,
+                 directory: Optional[Path] = None):
+        self.splits = splits
+        self.tokenizer = tokenizer
+        self.pad_id, self.bos_id, self.eos_id = _special_ids(tokenizer)
+        self.vocab_size = tokenizer.vocab_size
+        self.directory = directory
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[Tuple[str, str]], tokenizer, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                   seed: int = 0, max_len: Optional[int] = 128) -> "TranslationData":
+        """Tokenize (truncating each side to ``max_len - 2`` tokens) and split with ``seed``."""
+        src = _encode(tokenizer, [a for a, _ in pairs], max_len)
+        tgt = _encode(tokenizer, [b for _, b in pairs], max_len)
+        parts = split_indices(len(pairs), fractions, seed)
+        return cls({k: ([src[i] for i in idx.tolist()], [tgt[i] for i in idx.tolist()])
+                    for k, idx in parts.items()}, tokenizer)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s, _ in self.splits.values())
+
+    def collate(self, split: str, indices: Sequence[int]) -> Seq2SeqBatch:
+        src_all, tgt_all = self.splits[split]
+        src = [np.concatenate([src_all[i], [self.eos_id]]) for i in indices]
+        tgt = [np.concatenate([[self.bos_id], tgt_all[i], [self.eos_id]]) for i in indices]
+        s, sl = pad_sequences(src, self.pad_id)
+        t, tl = pad_sequences(tgt, self.pad_id)
+        return Seq2SeqBatch(s, sl, t, tl, self.pad_id)
+
+    def get_batch(self, split: str, batch_size: int, generator: Optional[torch.Generator] = None) -> Seq2SeqBatch:
+        """A random batch of pairs from ``split``."""
+        if split not in self.splits:
+            raise KeyError(f"unknown split {split!r}; have {sorted(self.splits)}")
+        n = len(self.splits[split][0])
+        if n == 0:
+            raise ValueError(f"split {split!r} is empty")
+        return self.collate(split, torch.randint(n, (batch_size,), generator=generator).tolist())
+
+    def batches(self, split: str, batch_size: int, shuffle: bool = False,
+                generator: Optional[torch.Generator] = None):
+        """Every pair of ``split`` once, as (indices, Seq2SeqBatch)."""
+        for idx in iterate_minibatches(len(self.splits[split][0]), batch_size, shuffle, generator):
+            yield idx, self.collate(split, idx.tolist())
+
+    def references(self, split: str) -> List[str]:
+        """Detokenized targets of ``split`` (for BLEU)."""
+        return [self.tokenizer.decode(t) for t in self.splits[split][1]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids, stopping at the first EOS."""
+        out = []
+        for i in (int(x) for x in ids):
+            if i == self.eos_id:
+                break
+            out.append(i)
+        return self.tokenizer.decode(out)
+
+
+def _encode(tok, texts: Sequence[str], max_len: Optional[int]) -> List[np.ndarray]:
+    keep = None if max_len is None else max(max_len - 2, 1)
+    return [np.asarray(ids[:keep] if keep else ids, dtype=np.int64) for ids in tok.encode_batch(list(texts))]
+
+
+def prepare_translation(name: str, pairs: Callable[[], Sequence[Tuple[str, str]]], source_files: Sequence[Path],
+                        tokenizer: str = "bpe", vocab_size: int = 8000, max_len: Optional[int] = 128,
+                        fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+                        root: Optional[PathLike] = None) -> TranslationData:
+    """Train one joint tokenizer on both sides, tokenize, split and cache (uint16 ``.bin`` plus
+    int64 ``.off`` offsets per split and side, tokenizer JSON, ``meta.json``)."""
+    key = fingerprint(_CACHE_VERSION, tokenizer, vocab_size, max_len, tuple(fractions), seed,
+                      *[Path(p) for p in source_files])
+    d = cache_dir(name, f"{tokenizer}{vocab_size}-{key}", root)
+    tok_path = d / "tokenizer.json"
+    meta = read_meta(d)
+    if meta is not None and tok_path.exists():
+        tok = load_tokenizer(tok_path)
+        return TranslationData({s: (load_ragged(d / f"{s}.src"), load_ragged(d / f"{s}.tgt"))
+                                for s in meta["splits"]}, tok, d)
+    ps = pairs()
+    specials = BPE_SPECIALS if tokenizer == "bpe" else None
+    tok = cached_tokenizer(tok_path, tokenizer, lambda: (t for p in ps for t in p), vocab_size, specials)
+    data = TranslationData.from_pairs(ps, tok, fractions, seed, max_len)
+    for s, (src, tgt) in data.splits.items():
+        save_ragged(d / f"{s}.src", src)
+        save_ragged(d / f"{s}.tgt", tgt)
+    write_meta(d, {"name": name, "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "pairs": len(ps),
+                   "splits": list(data.splits), "sources": [str(p) for p in source_files]})
+    data.directory = d
+    return data
+
+
+def kjv_rv_translation(direction: str = "en-es", tokenizer: str = "bpe", vocab_size: int = 8000,
+                       max_len: Optional[int] = 128, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                       seed: int = 0, sword_root: Optional[PathLike] = None,
+                       root: Optional[PathLike] = None) -> TranslationData:
+    """KJV <-> Reina-Valera verse pairs, joint byte-level BPE, seeded train/val/test; cached."""
+    files = [p for m in (KJV, RV1909) for t in ("ot", "nt")
+             for p in [sources.sword_module_dir(m, sword_root) / f"{t}.bzz"] if p.exists()]
+    return prepare_translation(f"kjv-rv-{direction}", lambda: kjv_rv_pairs(sword_root, direction), files,
+                               tokenizer, vocab_size, max_len, fractions, seed, root)
+
+
+def tsv_translation(path: PathLike, tokenizer: str = "bpe", vocab_size: int = 8000, max_len: Optional[int] = 128,
+                    fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0,
+                    root: Optional[PathLike] = None) -> TranslationData:
+    """A user's TSV of sentence pairs, prepared like :func:`kjv_rv_translation`."""
+    p = Path(path)
+    read_tsv_pairs(p)  # clear error early
+    return prepare_translation("tsv", lambda: read_tsv_pairs(p), [p], tokenizer, vocab_size, max_len,
+                               fractions, seed, root)
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU (sacrebleu, default 13a tokenization) of detokenized strings."""
+    try:
+        import sacrebleu
+    except ImportError:
+        raise sources.missing("BLEU scoring needs 'sacrebleu', which", "sacrebleu") from None
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
