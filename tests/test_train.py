@@ -1,0 +1,121 @@
+"""The trainer: a run where the controller really switches, resume, schedule, metrics."""
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+from xbraid_transformers.config import MGRITConfig
+from xbraid_transformers.control import ControlConfig
+from xbraid_transformers.tasks import TaskConfig, build_task
+from xbraid_transformers.train import TrainConfig, Trainer, lr_factor, seed_everything
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(task_cfg, until=None, **options):
+    seed_everything(task_cfg.seed)
+    trainer = Trainer(build_task(task_cfg), TrainConfig(**options))
+    summary = trainer.fit(until=until)
+    return trainer, summary
+
+
+def _growth(mode):
+    """A linear-ODE fit whose MGRIT convergence degrades as it learns (rho: 0.01 -> >1)."""
+    cfg = TaskConfig(name="growth", layers=16, d_model=8, batch_size=32,
+                     mgrit=MGRITConfig(levels=2, cfactor=4, relax="F", fwd_iters=2, bwd_iters=1))
+    return _run(cfg, mode=mode, steps=300, lr=3e-2, clip=0.0, eval_batches=4,
+                control=ControlConfig(probe_every=5), print_every=1000)
+
+
+def test_adaptive_run_switches_and_recovers_the_serial_loss():
+    runs = {mode: _growth(mode) for mode in ("serial", "parallel", "adaptive")}
+    adaptive, summary = runs["adaptive"]
+    switch = summary["switch_step"]
+    assert switch is not None and 20 < switch < 200, switch
+    decision = next(d for d in adaptive.controller.decisions if d.step == switch)
+    assert decision.action == "serial" and max(v for v in decision.rho.values() if v) > 1
+    # every earlier probe measured rho <= 1
+    assert all(d.action == "none" for d in adaptive.controller.decisions if d.step < switch)
+    # after the switch the run is exact: serial records, no probes, no MGRIT residuals
+    after = [r for r in adaptive.history if r["step"] > switch]
+    assert after and all(r["mode"] == "serial" and not r["fwd_residuals"] for r in after)
+    # the ending loss is within noise of the serial run (noise: the serial losses' spread)
+    tail = {m: [r["loss"] for r in t.history[-60:]] for m, (t, _) in runs.items()}
+    noise = statistics.stdev(tail["serial"])
+    gap = abs(statistics.mean(tail["adaptive"]) - statistics.mean(tail["serial"]))
+    assert gap < 0.2 * noise, (gap, noise)
+    exact = {m: s["final_eval_loss"] for m, (_, s) in runs.items()}
+    assert abs(exact["adaptive"] - exact["serial"]) < 0.2 * abs(exact["parallel"] - exact["serial"]), exact
+
+
+def _synthetic(**changes):
+    options = dict(name="synthetic", layers=4, d_model=16, heads=2, seq_len=6, batch_size=4,
+                   dropout=0.1, mgrit=MGRITConfig(levels=2, cfactor=2, fwd_iters=1, bwd_iters=1))
+    return TaskConfig(**{**options, **changes})
+
+
+@pytest.mark.parametrize("mode", ["serial", "adaptive"])
+def test_resume_gives_the_uninterrupted_losses(tmp_path, mode):
+    options = dict(mode=mode, steps=8, lr=1e-2, warmup=2, grad_accum=2,
+                   control=ControlConfig(probe_every=3))
+    full, _ = _run(_synthetic(), out_dir=str(tmp_path / "full"), **options)
+    first, _ = _run(_synthetic(), out_dir=str(tmp_path / "cut"), until=3, **options)
+    assert first.step == 3 and (tmp_path / "cut" / "checkpoint.pt").exists()
+    resumed, _ = _run(_synthetic(), out_dir=str(tmp_path / "cut"), resume="auto", **options)
+    losses = [r["loss"] for r in first.history + resumed.history]
+    assert losses == [r["loss"] for r in full.history]          # bit-identical
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(8))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert [lr_factor(s, 4, 20, 0.1) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, 0.1) == pytest.approx(0.55)       # half-way: (1 + 0.1) / 2
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_metrics_records_and_summary(tmp_path):
+    trainer, summary = _run(_synthetic(layers=8), mode="adaptive", steps=4, out_dir=str(tmp_path),
+                            control=ControlConfig(probe_every=2, floor=0.0), lr=1e-3)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    keys = {"step", "loss", "lr", "time", "virtual_time", "mode", "fwd_iters", "bwd_iters",
+            "fwd_residuals", "bwd_residuals", "rho_forward", "rho_backward"}
+    assert keys <= set(records[0])
+    assert [r["probe"] for r in records] == [True, False, True, False]
+    assert [r["fwd_iters"] for r in records] == [3, 1, 3, 1]      # probe: enough for two residuals
+    assert records[0]["rho_forward"] is not None and records[1]["rho_forward"] is None
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["steps"] == 4 and saved["final_loss"] == records[-1]["loss"]
+    assert math.isfinite(saved["final_eval_loss"]) and len(saved["decisions"]) == 2
+
+
+def test_evaluation_uses_the_exact_network_and_restores_the_mode():
+    seed_everything(0)
+    task = build_task(_synthetic(dropout=0.0))
+    trainer = Trainer(task, TrainConfig(mode="parallel", steps=1))
+    value = trainer.evaluate()
+    assert trainer.modules[0].parallel and trainer.model.training
+    task.model.eval()
+    with torch.no_grad():
+        trainer.modules[0].serial()
+        expected = sum(task.loss(task.batch("val", i)).item() for i in range(2)) / 2
+    assert value == pytest.approx(expected, rel=1e-6)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="mode"):
+        TrainConfig(mode="fast")
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)

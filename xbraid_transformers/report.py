@@ -1,0 +1,144 @@
+"""The comparison report: a Markdown table and PNG plots (matplotlib, imported lazily).
+
+``write_report(out_dir, runs, threshold)`` takes the runs of ``xbt compare`` (name -> the
+trainer's summary with its ``history`` of metric records) and writes ``report.md``,
+``loss.png`` (loss curves), ``rho.png`` (the convergence factor of every probe with the
+threshold) and ``residuals.png`` (residual histories of the probes).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List, Optional
+
+COLORS = {"serial": "tab:blue", "parallel": "tab:red", "adaptive": "tab:green"}
+
+
+def _fmt(x, digits=4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1e-3 else f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(runs: Dict[str, dict]) -> str:
+    """The Markdown table of the runs' final losses, times and switch step."""
+    lines = ["| run | final train loss | final eval loss (exact network) | wall s/step "
+             "| virtual s/step | switch batch | status |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in runs.items():
+        switch = s.get("switch_step")
+        status = f"diverged ({s['diverged']})" if s.get("diverged") else "finished"
+        lines.append(f"| {name} | {_fmt(s.get('final_loss'))} | {_fmt(s.get('final_eval_loss'))} "
+                     f"| {_fmt(s.get('seconds_per_step'), 3)} "
+                     f"| {_fmt(s.get('virtual_seconds_per_step'), 3)} "
+                     f"| {'-' if switch is None else switch} | {status} |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise RuntimeError("plots need matplotlib: pip install matplotlib "
+                           "(or pip install 'xbraid_transformers[cli]')") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _probes(summary: dict) -> List[dict]:
+    return summary.get("decisions") or []
+
+
+def plot_losses(path: str, runs: Dict[str, dict]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in runs.items():
+        steps = [r["step"] for r in s["history"]]
+        ax.plot(steps, [r["loss"] for r in s["history"]], label=name, color=COLORS.get(name),
+                lw=1)
+        if s.get("switch_step") is not None:
+            ax.axvline(s["switch_step"], color=COLORS.get(name, "k"), ls=":", lw=1,
+                       label=f"{name} switches to serial")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_rho(path: str, runs: Dict[str, dict], threshold: float) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in runs.items():
+        for direction, marker in (("forward", "o"), ("backward", "s")):
+            points = [(d["step"], d["rho"][direction]) for d in _probes(s)
+                      if d["rho"][direction] is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker=marker, ms=3, lw=1, color=COLORS.get(name),
+                        ls="-" if direction == "forward" else "--", label=f"{name} {direction}")
+    ax.axhline(threshold, color="k", ls=":", lw=1, label=f"threshold {threshold:g}")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("convergence factor rho (final probe iteration)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("MGRIT convergence factor at the probes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_residuals(path: str, runs: Dict[str, dict], max_curves: int = 6) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, direction in zip(axes, ("forward", "backward")):
+        for name, s in runs.items():
+            probes = _probes(s)
+            pick = probes[::max(1, math.ceil(len(probes) / max_curves))]
+            for i, d in enumerate(pick):
+                for m in d["measurements"]:
+                    if m["direction"] != direction or m["module"] != 0 or not m["residuals"]:
+                        continue
+                    shade = 0.3 + 0.7 * (i + 1) / len(pick)
+                    ax.plot(range(1, len(m["residuals"]) + 1), m["residuals"], marker="o", ms=3,
+                            color=COLORS.get(name), alpha=shade, lw=1,
+                            label=f"{name} batch {d['step']}")
+        ax.set_yscale("log")
+        ax.set_xlabel("MGRIT iteration with a residual")
+        ax.set_ylabel("residual norm")
+        ax.set_title(f"{direction} solve: residual histories of the probes")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out_dir: str, runs: Dict[str, dict], threshold: float, title: str,
+                 notes: Optional[List[str]] = None) -> str:
+    """Write report.md and the three plots into ``out_dir``; returns the report's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    plot_losses(os.path.join(out_dir, "loss.png"), runs)
+    plot_rho(os.path.join(out_dir, "rho.png"), runs, threshold)
+    plot_residuals(os.path.join(out_dir, "residuals.png"), runs)
+    lines = [f"# {title}", "", table(runs), ""]
+    for name, s in runs.items():
+        switch = s.get("switch_step")
+        if switch is not None:
+            decision = next(d for d in s["decisions"] if d["step"] == switch)
+            lines.append(f"- **{name}** switched to serial training at batch {switch}: "
+                         f"{decision['reason']}.")
+        elif name == "adaptive":
+            lines.append(f"- **{name}** never switched (rho stayed at or below {threshold:g}).")
+    lines += [f"- {note}" for note in (notes or [])]
+    lines += ["", "![training loss](loss.png)", "", "![convergence factor](rho.png)", "",
+              "![residual histories](residuals.png)", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))
+    return path

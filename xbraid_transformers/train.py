@@ -1,0 +1,403 @@
+"""The training loop used by the ``xbt`` command and the examples.
+
+    task = build_task(TaskConfig(name="synthetic", layers=8))
+    summary = Trainer(task, TrainConfig(mode="adaptive", steps=200, out_dir="runs/a")).fit()
+
+One optimizer step = ``grad_accum`` micro-batches (forward + backward each), gradient
+clipping, AdamW, a linear-warmup + cosine LR schedule. Modes: ``serial`` (exact), ``parallel``
+(MGRIT with the configured iterations throughout) and ``adaptive`` (parallel under an
+:class:`~xbraid_transformers.control.AdaptiveController`). Batches are a pure function of the
+step, so ranks stay in step and a resumed run sees the batches it would have seen.
+
+Outputs under ``out_dir`` (rank 0 only): ``metrics.jsonl`` (one record per logged step),
+``summary.json``, ``checkpoint.pt`` (atomic; ``resume=`` continues from it) and, with
+``tensorboard=True``, TensorBoard event files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .control import AdaptiveController, ControlConfig
+from .layer_parallel import LayerParallel
+from .mgrit.solver import MGRITDivergenceError
+from .tasks import Task
+
+logger = logging.getLogger(__name__)
+
+MODES = ("serial", "parallel", "adaptive")
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run.
+
+    lr: peak learning rate; warmup: linear warm-up steps; min_lr_ratio: the cosine decays to
+    ``lr * min_lr_ratio`` at ``steps``. clip: max gradient norm (0: off). eval_every: steps
+    between evaluations (0: only at the end); evaluation runs the exact (serial) network.
+    checkpoint_every: steps between checkpoints (0: only at the end; needs out_dir).
+    resume: a checkpoint path, or "auto" for ``out_dir/checkpoint.pt``.
+    progress: tqdm bar (None: when stderr is a terminal); otherwise a log line every
+    ``print_every`` steps.
+    monitor: in ``parallel`` mode, probe on the controller's schedule and record rho without
+    ever acting (the probes' extra iterations are the only change to the run).
+    """
+
+    mode: str = "parallel"
+    steps: int = 100
+    lr: float = 1e-3
+    warmup: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    clip: float = 1.0
+    eval_every: int = 0
+    eval_batches: int = 2
+    log_every: int = 1
+    print_every: int = 10
+    checkpoint_every: int = 0
+    out_dir: Optional[str] = None
+    resume: Optional[str] = None
+    seed: int = 0
+    progress: Optional[bool] = None
+    tensorboard: bool = False
+    monitor: bool = False
+    control: ControlConfig = field(default_factory=ControlConfig)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        for name in ("steps", "grad_accum", "log_every", "print_every", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("warmup", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "clip", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        if self.resume is not None and self.resume == "auto" and self.out_dir is None:
+            raise ValueError("resume='auto' needs out_dir")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _virtual_clock():
+    """``perf.virtual_time()`` when the perf module provides one, else None."""
+    try:
+        from . import perf  # noqa: F401  (written by the distributed engineer)
+    except ImportError:
+        return None
+    return getattr(perf, "virtual_time", None)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole model's state dict on every layout (gathered when distributed)."""
+    try:
+        from .distributed import gather_state_dict
+    except ImportError:
+        return model.state_dict()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return gather_state_dict(model)    # None on ranks other than 0
+    return model.state_dict()
+
+
+class Trainer:
+    """Trains ``task.model`` on ``task``'s batches; see the module docstring."""
+
+    def __init__(self, task: Task, config: TrainConfig):
+        self.task, self.config = task, config
+        self.model = task.model
+        self.rank = _rank()
+        self.modules: List[LayerParallel] = [m for m in self.model.modules()
+                                             if isinstance(m, LayerParallel)]
+        for module in self.modules:
+            module.serial() if config.mode == "serial" else module.layer_parallel()
+        self.controller = None
+        if config.mode == "adaptive":
+            self.controller = AdaptiveController(self.model, config.control)
+        elif config.mode == "parallel" and config.monitor:
+            self.controller = AdaptiveController(
+                self.model, dataclasses.replace(config.control, action="monitor"))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.min_lr_ratio))
+        self.step = 0
+        self.history: List[dict] = []
+        self.evals: List[dict] = []
+        self.train_seconds = 0.0
+        self.virtual_seconds: Optional[float] = None
+        self.diverged: Optional[str] = None
+        self._clock = _virtual_clock()
+        self._writer = None
+        if config.resume is not None:
+            path = (os.path.join(config.out_dir, "checkpoint.pt") if config.resume == "auto"
+                    else config.resume)
+            self.load(path)
+        else:
+            seed_everything(config.seed)
+
+    # ------------------------------------------------------------------ files
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _path(self, name: str) -> Optional[str]:
+        if self.config.out_dir is None:
+            return None
+        os.makedirs(self.config.out_dir, exist_ok=True)
+        return os.path.join(self.config.out_dir, name)
+
+    def _write_record(self, record: dict) -> None:
+        path = self._path("metrics.jsonl")
+        if path and self.is_main:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, allow_nan=True) + "\n")
+        if self._writer is not None:
+            for key in ("loss", "lr", "rho_forward", "rho_backward", "eval_loss"):
+                if record.get(key) is not None:
+                    self._writer.add_scalar(key, record[key], record["step"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"step": self.step, "model": full_state_dict(self.model),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "controller": self.controller.state_dict() if self.controller else None,
+                "dropout": [m.dropout.state_dict() for m in self.modules],
+                "modes": [m.parallel for m in self.modules],
+                "rng": rng_state(), "data": {"next_step": self.step},
+                "train_seconds": self.train_seconds, "virtual_seconds": self.virtual_seconds,
+                "mode": self.config.mode, "task": self.task.config.name}
+
+    def save(self, path: Optional[str] = None) -> Optional[str]:
+        path = path or self._path("checkpoint.pt")
+        if path is None:
+            return None
+        state = self.state_dict()          # every rank: gathering the model is collective
+        if not self.is_main:
+            return None
+        save_checkpoint(path, state)
+        logger.info("checkpoint at step %d written to %s", self.step, path)
+        return path
+
+    def load(self, path: str) -> None:
+        state = load_checkpoint(path)
+        if state.get("mode") not in (None, self.config.mode):
+            raise ValueError(f"checkpoint {path!r} is of a {state['mode']!r} run, this run is "
+                             f"{self.config.mode!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.controller is not None and state.get("controller"):
+            self.controller.load_state_dict(state["controller"])
+        for module, drop in zip(self.modules, state["dropout"]):
+            module.dropout.load_state_dict(drop)
+        set_rng_state(state["rng"])
+        self.step = int(state["data"]["next_step"])
+        self.train_seconds = float(state.get("train_seconds") or 0.0)
+        self.virtual_seconds = state.get("virtual_seconds")
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        """One optimizer step at ``self.step``; returns its metrics record."""
+        cfg, task = self.config, self.task
+        self.model.train()
+        start = time.perf_counter()
+        virtual_start = self._clock() if self._clock else None
+        probe = self.controller.before_step() if self.controller else False
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            loss = task.loss(task.batch("train", self.step, micro)) / cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip).item()
+                     if cfg.clip > 0 else None)
+        stats = self.modules[0].stats if self.modules else None
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        decision = self.controller.after_step() if self.controller else None
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.train_seconds += time.perf_counter() - start
+        if virtual_start is not None:
+            self.virtual_seconds = (self.virtual_seconds or 0.0) + self._clock() - virtual_start
+        record = {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm,
+                  "time": self.train_seconds, "virtual_time": self.virtual_seconds,
+                  "mode": stats.mode if stats else "serial", "probe": probe,
+                  "fwd_iters": stats.fwd_iters if stats else 0,
+                  "bwd_iters": stats.bwd_iters if stats else 0,
+                  "fwd_residuals": list(stats.fwd_residuals) if stats else [],
+                  "bwd_residuals": list(stats.bwd_residuals) if stats else [],
+                  "rho_forward": None, "rho_backward": None}
+        if stats and stats.mode == "layer_parallel":
+            record["mode"] = "parallel"
+        if decision is not None:
+            rho = decision.rho
+            record.update(rho_forward=rho["forward"], rho_backward=rho["backward"],
+                          action=decision.action, reason=decision.reason)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss became {total} at step {self.step}")
+        self.step += 1
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> float:
+        """Mean loss of the exact (serial) network over ``eval_batches`` fixed batches."""
+        modes = [m.parallel for m in self.modules]
+        was_training = self.model.training
+        self.model.eval()
+        for m in self.modules:
+            m.serial()
+        try:
+            losses = [self.task.loss(self.task.batch(split, i)).item()
+                      for i in range(self.config.eval_batches)]
+        finally:
+            for m, parallel in zip(self.modules, modes):
+                m.parallel = parallel
+            self.model.train(was_training)
+        return sum(losses) / len(losses)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, until: Optional[int] = None) -> dict:
+        """Train to ``config.steps`` (or stop before step ``until``: an interruption that leaves
+        a checkpoint, for resuming). Returns the summary (also written to summary.json)."""
+        cfg = self.config
+        stop = cfg.steps if until is None else min(until, cfg.steps)
+        if cfg.tensorboard and self.is_main and cfg.out_dir:
+            self._writer = _tensorboard(cfg.out_dir)
+        bar = self._progress(stop)
+        try:
+            while self.step < stop:
+                try:
+                    record = self.train_step()
+                except (MGRITDivergenceError, FloatingPointError) as error:
+                    self.diverged = f"step {self.step}: {error}"
+                    logger.error("training diverged at %s", self.diverged)
+                    break
+                step = record["step"]
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                    record["eval_loss"] = self.evaluate()
+                    self.evals.append({"step": step, "loss": record["eval_loss"]})
+                if record.get("action") in ("serial", "increase", "at-cap"):
+                    logger.warning("step %d: controller -> %s (%s)", step, record["action"],
+                                   record["reason"])
+                if step % cfg.log_every == 0 or step == stop - 1 or "eval_loss" in record:
+                    self.history.append(record)
+                    self._write_record(record)
+                self._report(bar, record, stop)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        if cfg.out_dir:
+            self.save()
+        if self.step >= cfg.steps or self.diverged:
+            return self.finish()
+        return self.summary()
+
+    def finish(self) -> dict:
+        """Final evaluation and the summary JSON."""
+        summary = self.summary(final_eval=None if self.diverged else self.evaluate())
+        path = self._path("summary.json")
+        if path and self.is_main:
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(summary, handle, indent=2, allow_nan=True)
+        if self._writer is not None:
+            self._writer.close()
+        return summary
+
+    def summary(self, final_eval: Optional[float] = None) -> dict:
+        ctl = self.controller
+        last = self.history[-1] if self.history else {}
+        steps_done = max(self.step, 1)
+        return {"task": self.task.config.name, "mode": self.config.mode, "steps": self.step,
+                "final_loss": last.get("loss"), "final_eval_loss": final_eval,
+                "train_seconds": self.train_seconds,
+                "seconds_per_step": self.train_seconds / steps_done,
+                "virtual_seconds": self.virtual_seconds,
+                "virtual_seconds_per_step": (self.virtual_seconds / steps_done
+                                             if self.virtual_seconds is not None else None),
+                "switch_step": ctl.switch_step if ctl else None,
+                "decisions": [d.as_dict() for d in ctl.decisions] if ctl else [],
+                "diverged": self.diverged, "config": _plain(dataclasses.asdict(self.config))}
+
+    # ------------------------------------------------------------------ progress
+    def _progress(self, stop: int):
+        if not self.is_main:
+            return None
+        show = self.config.progress
+        if show is None:
+            show = sys.stderr.isatty()
+        if not show:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=stop, initial=self.step, desc=self.config.mode, dynamic_ncols=True)
+
+    def _report(self, bar, record: dict, stop: int) -> None:
+        if not self.is_main:
+            return
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", mode=record["mode"], refresh=False)
+        elif record["step"] % self.config.print_every == 0 or record["step"] == stop - 1:
+            logger.info("%s step %d/%d loss %.4f lr %.2e mode %s iters %d/%d%s", self.config.mode,
+                        record["step"] + 1, stop, record["loss"], record["lr"], record["mode"],
+                        record["fwd_iters"], record["bwd_iters"],
+                        f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else "")
+
+
+def _tensorboard(out_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise RuntimeError("TensorBoard logging needs the tensorboard package: "
+                           "pip install tensorboard") from error
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+
+def _plain(value):
+    """Config dicts as JSON-safe data (callables and dtypes as their repr)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
