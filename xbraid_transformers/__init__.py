@@ -1,8 +1,19 @@
 """Layer-parallel training of deep transformers with MGRIT."""
-from . import mgrit
+from . import mgrit, multilevel, perf
 from .config import MGRITConfig
+from .control import AdaptiveController, ControlConfig
+from .distributed import (SpawnError, broadcast_replicated_, gather_state_dict, init_distributed,
+                          layer_data_groups, spawn)
 from .layer_parallel import LayerParallel, SolveStats
-from .nn import LayerParallelTransformerEncoder
+from .nn import (LayerParallelTransformer, LayerParallelTransformerDecoder,
+                 LayerParallelTransformerEncoder)
 
-__all__ = ["MGRITConfig", "LayerParallel", "SolveStats", "LayerParallelTransformerEncoder", "mgrit"]
+__all__ = [
+    "MGRITConfig", "LayerParallel", "SolveStats",
+    "LayerParallelTransformerEncoder", "LayerParallelTransformerDecoder", "LayerParallelTransformer",
+    "AdaptiveController", "ControlConfig",
+    "init_distributed", "spawn", "SpawnError", "gather_state_dict", "broadcast_replicated_",
+    "layer_data_groups",
+    "mgrit", "multilevel", "perf",
+]
 __version__ = "0.1.0"

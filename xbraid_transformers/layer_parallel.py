@@ -182,12 +182,16 @@ class LayerParallel(nn.Module):
         if not torch.is_floating_point(x):
             raise TypeError(f"LayerParallel expects a floating-point state, got {x.dtype}")
         micro_batch = self.dropout.next_micro_batch() if self.training else None
+        with self.dropout.call_scope(micro_batch is not None, x.device):
+            return self._forward(x, ctx, micro_batch)
+
+    def _forward(self, x: torch.Tensor, ctx: dict, micro_batch: Optional[int]) -> torch.Tensor:
         h = self.step_size
         if not self.parallel and self.comm.size == 1:
             self.stats = SolveStats(mode="serial")
             self.counts.forward_fine += len(self.layers)
             for n in range(len(self.layers)):
-                x = x + h * self.rhs_at(n, x, ctx, micro_batch)
+                x = torch.add(x, self.rhs_at(n, x, ctx, micro_batch), alpha=h)
             return x
         run = _Run(self, ctx, micro_batch)
         needs_grad = torch.is_grad_enabled() and bool(x.requires_grad or run.params or run.grad_ctx)
@@ -252,7 +256,7 @@ class _Run:
 
         def step(u, n, dt):
             counts.count("forward", dt == h)
-            return u + dt * rhs(n, u, self.ctx, self.micro_batch)
+            return torch.add(u, rhs(n, u, self.ctx, self.micro_batch), alpha=dt)
 
         def recording_step(u, n, dt):
             counts.count("forward", True)
@@ -260,7 +264,7 @@ class _Run:
             with torch.enable_grad():
                 f = rhs(n, leaf, self.ctx, self.micro_batch)
             self.graphs[n] = (leaf, f)
-            return u + dt * f.detach()
+            return torch.add(u, f.detach(), alpha=dt)
 
         with torch.no_grad():
             result = solve(step, x.detach(), len(module.layers), h, config,
@@ -289,7 +293,7 @@ class _Run:
         with torch.set_grad_enabled(record):
             y = leaf
             for n in range(lo, hi):
-                y = y + module.step_size * module.rhs_at(n, y, self.ctx, self.micro_batch)
+                y = torch.add(y, module.rhs_at(n, y, self.ctx, self.micro_batch), alpha=module.step_size)
         with torch.no_grad():
             comm.send_next(y)
             out = comm.broadcast(y, root=comm.size - 1)

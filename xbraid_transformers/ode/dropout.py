@@ -36,6 +36,7 @@ class DropoutSync:
     def __init__(self, seed: int | None = None):
         self.seed = torch.initial_seed() if seed is None else int(seed)
         self.micro_batch = 0
+        self._forked = False
 
     def next_micro_batch(self) -> int:
         key = self.micro_batch
@@ -43,16 +44,31 @@ class DropoutSync:
         return key
 
     @contextlib.contextmanager
+    def call_scope(self, active: bool, device: torch.device):
+        """Around one forward call: the caller's random state is saved once and restored at the
+        end, so the layer evaluations inside only reseed (cheap) instead of saving and
+        restoring it each time."""
+        if not active or self._forked:
+            yield
+            return
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+            self._forked = True
+            try:
+                yield
+            finally:
+                self._forked = False
+
+    @contextlib.contextmanager
     def scope(self, layer: int, micro_batch: int | None, device: torch.device):
         """Run the body with the random state of (layer, micro_batch); no-op when None."""
         if micro_batch is None:
             yield
             return
-        cuda = device.type == "cuda"
-        with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        with self.call_scope(True, device):
             seed = layer_seed(self.seed, layer, micro_batch)
             torch.random.default_generator.manual_seed(seed)
-            if cuda:
+            if device.type == "cuda":
                 torch.cuda.manual_seed(seed)
             yield
 

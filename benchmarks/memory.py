@@ -1,0 +1,65 @@
+"""Per-rank parameter and activation memory of a layer-parallel encoder versus serial.
+
+Parameters: bytes of the parameters each rank holds. Activations: bytes of the tensors saved
+for backward during the forward (``saved_tensors_hooks``, counted once per storage) plus the
+fine MGRIT states the rank keeps. Ranks are threads of this process (``xbt.perf.emulate``).
+
+    python benchmarks/memory.py   -> benchmarks/results/memory.json
+"""
+import json
+import os
+
+import torch
+from torch import nn
+
+import xbraid_transformers as xbt
+from xbraid_transformers.ode.blocks import encoder_rhs
+from xbraid_transformers.perf import emulate
+
+OUT = os.path.join(os.path.dirname(__file__), "results")
+D, N = 64, 64
+
+
+def usage(comm, layers, serial, x):
+    stack = xbt.LayerParallel(layers, rhs=encoder_rhs, comm=comm,
+                              mgrit=xbt.MGRITConfig(levels=2, cfactor=4, fwd_iters=1, bwd_iters=1))
+    if serial:
+        stack.serial()
+    params = sum(p.numel() * p.element_size() for p in stack.parameters())
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = stack(x.clone().requires_grad_())
+    lo, hi = stack.block
+    states = 0 if serial else (hi - lo + 1) * x.numel() * x.element_size()
+    out.sum().backward()
+    return dict(rank=comm.rank, params=params, saved=sum(seen.values()), states=states)
+
+
+def main():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layers = [nn.TransformerEncoderLayer(D, 2, 4 * D, dropout=0.0, norm_first=True, batch_first=True)
+              for _ in range(N)]
+    x = torch.randn(4, 32, D)
+    serial = emulate(usage, 1, layers, True, x)[0]
+    rows = []
+    for p in (1, 2, 4, 8, 16):
+        for r in emulate(usage, p, layers, False, x):
+            r.update(ranks=p, param_ratio=r["params"] / serial["params"],
+                     activation_ratio=(r["saved"] + r["states"]) / serial["saved"])
+            rows.append(r)
+        worst = max((r for r in rows if r["ranks"] == p), key=lambda r: r["params"])
+        print(f"P={p:2d}: max params/rank {worst['param_ratio']:.3f} of serial (1/P = {1 / p:.3f}), "
+              f"activations {max(r['activation_ratio'] for r in rows if r['ranks'] == p):.3f}")
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "memory.json"), "w") as f:
+        json.dump(dict(d_model=D, layers=N, serial=serial, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
