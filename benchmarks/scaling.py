@@ -58,6 +58,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, nargs="+", default=[32, 64, 128, 256])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--levels", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--relax", nargs="+", default=["FCF", "F"], choices=["F", "FCF"],
+                    help="relaxation on every non-coarsest level")
     ap.add_argument("--reps", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -67,18 +70,19 @@ def main():
     for n in args.layers:
         layers = make_layers(n)
         serial_t = emulate(training_step, 1, layers, dict(levels=1), True, x, args.reps)[0][0]
-        for p, levels, m, (fi, bi) in itertools.product(args.ranks, (2, 3), (2, 4), ((1, 1), (2, 1))):
+        for p, levels, m, relax, (fi, bi) in itertools.product(
+                args.ranks, args.levels, (2, 4), args.relax, ((1, 1), (2, 1))):
             if n // m ** (levels - 1) < p:
                 continue
-            options = dict(levels=levels, cfactor=m, fwd_iters=fi, bwd_iters=bi, relax="FCF")
+            options = dict(levels=levels, cfactor=m, fwd_iters=fi, bwd_iters=bi, relax=relax)
             out = emulate(training_step, p, layers, options, False, x, args.reps)
             t = max(o[0] for o in out)
-            model = cost_model(n, p, levels, m, fi, bi)
-            rows.append(dict(layers=n, ranks=p, levels=levels, cfactor=m, iters=f"{fi}/{bi}",
+            model = cost_model(n, p, levels, m, fi, bi, relax=relax)
+            rows.append(dict(layers=n, ranks=p, levels=levels, cfactor=m, relax=relax, iters=f"{fi}/{bi}",
                              serial_s=serial_t, parallel_s=t, speedup=serial_t / t,
                              model_speedup=model["speedup"],
                              steps_rank0=out[0][1], steps_last=out[-1][1]))
-            print(f"N={n:4d} P={p:2d} L={levels} m={m} {fi}/{bi}: speedup {serial_t / t:5.2f} "
+            print(f"N={n:4d} P={p:2d} L={levels} m={m} {relax:3s} {fi}/{bi}: speedup {serial_t / t:5.2f} "
                   f"(model {model['speedup']:5.2f})  [{time.time() - start:.0f} s]", flush=True)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "scaling.json"), "w") as f:
@@ -93,11 +97,13 @@ def plot(rows):
     ns = sorted({r["layers"] for r in rows})
     fig, axes = plt.subplots(1, len(ns), figsize=(4 * len(ns), 3.5), squeeze=False)
     for ax, n in zip(axes[0], ns):
-        for levels, m, it in itertools.product((2, 3), (2, 4), ("1/1", "2/1")):
-            sel = [r for r in rows if (r["layers"], r["levels"], r["cfactor"], r["iters"]) == (n, levels, m, it)]
+        configs = sorted({(r["levels"], r["cfactor"], r["relax"], r["iters"]) for r in rows})
+        for levels, m, relax, it in configs:
+            sel = [r for r in rows if (r["layers"], r["levels"], r["cfactor"], r["relax"], r["iters"])
+                   == (n, levels, m, relax, it)]
             if sel:
                 line, = ax.plot([r["ranks"] for r in sel], [r["speedup"] for r in sel], "o-",
-                                label=f"L{levels} m{m} {it}")
+                                label=f"L{levels} m{m} {relax} {it}")
                 ax.plot([r["ranks"] for r in sel], [r["model_speedup"] for r in sel], ":",
                         color=line.get_color())
         ax.set_xscale("log", base=2)
