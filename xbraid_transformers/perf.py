@@ -1,6 +1,7 @@
 """Performance accounting: step counters, virtual clocks per rank, and the MGRIT cost model."""
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -78,10 +79,15 @@ class VirtualClock:
 class ClockedComm(Communicator):
     """Wraps a communicator: every message carries the sender's virtual time; a receive sets
     ``clock = max(own, sender + latency + bytes / bandwidth)``; collectives take the latest
-    clock plus a tree of ``ceil(log2 P)`` hops."""
+    clock plus a tree of ``ceil(log2 P)`` hops.
 
-    def __init__(self, inner: Communicator, link: LinkModel = NVLINK):
+    ``gate``: a lock that a rank holds while it computes and releases while it waits for
+    others, so that emulated ranks compute one at a time: with more busy threads than cores
+    (and the GIL between torch calls), thread CPU times were measured up to twice too large."""
+
+    def __init__(self, inner: Communicator, link: LinkModel = NVLINK, gate=None):
         self.inner, self.link, self.clock = inner, link, VirtualClock()
+        self.gate = gate
         self.rank, self.size, self.timeout, self.device = inner.rank, inner.size, inner.timeout, inner.device
         self._hops = max(1, math.ceil(math.log2(max(self.size, 2))))
 
@@ -97,36 +103,53 @@ class ClockedComm(Communicator):
         self.clock.bytes += nbytes
         self.clock.resume()
 
+    @contextlib.contextmanager
+    def _waiting(self):
+        """Around a blocking call: the compute gate is free meanwhile."""
+        if self.gate is None:
+            yield
+            return
+        self.gate.release()
+        try:
+            yield
+        finally:
+            self.gate.acquire()
+
     def recv(self, like, src):
         self.clock.tick()
-        value = self.inner.recv(like, src)
-        sent, nbytes = self.inner.recv(self._stamp(0.0, 0.0), src).tolist()
+        with self._waiting():
+            value = self.inner.recv(like, src)
+            sent, nbytes = self.inner.recv(self._stamp(0.0, 0.0), src).tolist()
         self.clock.time = max(self.clock.time, sent + self.link.cost(int(nbytes)))
         self.clock.resume()
         return value
 
     def _collective(self, nbytes: int) -> None:
-        latest = float(self.inner.allreduce(self._stamp(self.clock.time), "max")[0])
+        with self._waiting():
+            latest = float(self.inner.allreduce(self._stamp(self.clock.time), "max")[0])
         self.clock.time = max(self.clock.time, latest + self.link.cost(nbytes, 2 * self._hops))
 
     def allreduce(self, tensor, op="sum"):
         self.clock.tick()
-        out = self.inner.allreduce(tensor, op)
+        with self._waiting():
+            out = self.inner.allreduce(tensor, op)
         self._collective(tensor.numel() * tensor.element_size())
         self.clock.resume()
         return out
 
     def allgather(self, tensor):
         self.clock.tick()
-        out = self.inner.allgather(tensor)
+        with self._waiting():
+            out = self.inner.allgather(tensor)
         self._collective(self.size * tensor.numel() * tensor.element_size())
         self.clock.resume()
         return out
 
     def broadcast(self, tensor, root):
         self.clock.tick()
-        sent = float(self.inner.broadcast(self._stamp(self.clock.time), root)[0])
-        out = self.inner.broadcast(tensor, root)
+        with self._waiting():
+            sent = float(self.inner.broadcast(self._stamp(self.clock.time), root)[0])
+            out = self.inner.broadcast(tensor, root)
         if self.rank != root:
             nbytes = tensor.numel() * tensor.element_size()
             self.clock.time = max(self.clock.time, sent + self.link.cost(nbytes, self._hops))
@@ -134,25 +157,33 @@ class ClockedComm(Communicator):
         return out
 
     def flush(self):
-        self.inner.flush()
+        with self._waiting():
+            self.inner.flush()
 
 
 def emulate(fn: Callable[..., Any], nprocs: int, *args, link: LinkModel = NVLINK,
             timeout: float = 600.0) -> List[Any]:
     """Run ``fn(comm, *args)`` for ``nprocs`` ranks as threads of this process, each with a
     ``ClockedComm`` (``comm.clock`` is its virtual clock). Use ``torch.set_num_threads(1)``.
+    Ranks compute one at a time (a shared gate, released while a rank waits for messages), so
+    each rank's CPU time is measured as if it had a core to itself.
     Ranks as threads share the global random generator: use it for models without dropout."""
     from .mgrit.comm_backends import ThreadWorld
     world = ThreadWorld(nprocs, timeout=timeout)
     results: List[Any] = [None] * nprocs
     errors: List[BaseException] = []
 
+    gate = threading.Lock()
+
     def run(rank):
+        gate.acquire()
         try:
-            results[rank] = fn(ClockedComm(world.comm(rank), link), *args)
+            results[rank] = fn(ClockedComm(world.comm(rank), link, gate), *args)
         except BaseException as error:   # re-raised in the caller below
             errors.append(error)
             world.barrier.abort()
+        finally:
+            gate.release()
 
     threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(nprocs)]
     for t in threads:

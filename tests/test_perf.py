@@ -1,0 +1,70 @@
+"""Virtual clocks of emulated ranks, and the cost model, on cases with known answers."""
+import time
+
+import pytest
+import torch
+
+from xbraid_transformers.perf import LinkModel, cost_model, emulate
+
+
+def busy(seconds):
+    """Burn CPU time of this thread (not wall time)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def ping(comm, work):
+    comm.clock.reset()
+    if comm.rank == 0:
+        busy(work)
+        comm.isend(torch.zeros(250), 1)           # 1000 bytes
+    else:
+        comm.recv(torch.zeros(250), 0)
+    comm.clock.tick()
+    return comm.clock.time, comm.clock.compute
+
+
+def test_a_receive_takes_the_senders_clock_plus_the_link_cost():
+    link = LinkModel(latency=1.0, bandwidth=1000.0)   # 1 s + 1000 B / 1000 B/s = 2 s
+    (t0, c0), (t1, c1) = emulate(ping, 2, 0.05, link=link)
+    assert 0.05 <= c0 < 0.2                           # rank 0 computed ~0.05 s
+    assert c1 < 0.05                                  # rank 1 only waited
+    assert t1 == pytest.approx(t0 + 2.0, abs=0.02)
+
+
+def test_emulated_ranks_compute_one_at_a_time():
+    """Only one rank computes at any moment (its CPU time is then its own), and a rank waiting
+    for a message lets the others run (no deadlock)."""
+    inside, most = [0], [0]
+    a = torch.randn(128, 128)
+
+    def work(comm):
+        for _ in range(3):
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            for _ in range(20):
+                a @ a                       # releases the GIL: other threads could run now
+            inside[0] -= 1
+            comm.isend(torch.ones(1), (comm.rank + 1) % comm.size)
+            comm.recv(torch.ones(1), (comm.rank - 1) % comm.size)
+        return comm.allreduce(torch.ones(1))
+
+    results = emulate(work, 4)
+    assert most[0] == 1
+    assert all(float(r) == 4 for r in results)
+
+
+def test_cost_model_limits():
+    # one level is the serial chain: no speedup, whatever the ranks
+    assert cost_model(64, 4, 1, 2, 1, 1)["speedup"] == pytest.approx(1.0)
+    # two levels, F-relaxation, no skip, one rank: per iteration (m-1)/m N relaxation, 2N/m for
+    # the FAS residual, N/m coarse, (m-1)/m N interpolation; plus the final sweep N
+    n, m = 64, 4
+    one_iter = (m - 1) / m * n + 2 * n / m + n / m + (m - 1) / m * n + n
+    model = cost_model(n, 1, 2, m, 1, 1, relax="F", skip_first_downcycle=False)
+    assert model["parallel"] == pytest.approx(3 * one_iter)
+    assert model["serial"] == pytest.approx(3 * n)
+    # more ranks never cost more on the critical path
+    speedups = [cost_model(128, p, 3, 4, 1, 1)["speedup"] for p in (1, 2, 4, 8)]
+    assert speedups == sorted(speedups)
