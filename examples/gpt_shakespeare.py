@@ -27,10 +27,10 @@ if args.synthetic:  # a random Markov chain over 64 tokens: a language with a kn
     tokens = torch.tensor(ids)
     train_ids, val_ids = tokens[:90_000], tokens[90_000:]
 else:
-    from xbraid_transformers.data import shakespeare  # the offline loader (DATA.md)
-    train_ids, val_ids, tokenizer = shakespeare.load_tokens(tokenizer="bpe", vocab_size=4096)
-    train_ids, val_ids = torch.as_tensor(train_ids.astype("int64")), torch.as_tensor(val_ids.astype("int64"))
-    vocab = tokenizer.get_vocab_size()
+    from xbraid_transformers.data import shakespeare_lm  # the offline loader (DATA.md)
+    data = shakespeare_lm(tokenizer="bpe", vocab_size=4096)   # cached after the first call
+    train_ids, val_ids = (torch.from_numpy(data.splits[s].astype("int64")) for s in ("train", "val"))
+    vocab = data.vocab_size
 
 
 def batch_from(data, generator, size):

@@ -23,10 +23,10 @@ if args.synthetic:  # 10 classes: horizontal stripes with period 2..11 pixels, p
         return images + 0.5 * torch.rand(n, 1, 28, 28, generator=g), labels
     (train_x, train_y), (val_x, val_y) = make(6000, 1), make(1000, 2)
 else:
-    from xbraid_transformers.data import fashion_mnist  # the offline loader (DATA.md)
-    (train_x, train_y), (val_x, val_y) = fashion_mnist.load("train"), fashion_mnist.load("test")
-    train_x, val_x = (torch.as_tensor(x).float().div(255).view(-1, 1, 28, 28) for x in (train_x, val_x))
-    train_y, val_y = torch.as_tensor(train_y).long(), torch.as_tensor(val_y).long()
+    from xbraid_transformers.data import image_splits, images_to_float  # offline loader (DATA.md)
+    splits = image_splits("fashion_mnist")
+    (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
+    train_x, val_x = images_to_float(train_x), images_to_float(val_x)      # (N, 1, 28, 28)
 mean, std = train_x.mean(), train_x.std()
 
 
