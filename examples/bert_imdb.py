@@ -36,15 +36,25 @@ if args.synthetic:  # sentences from one of two Markov chains; the class is the 
     mlm_train, mlm_val = sentences(4000, 2)[0], sentences(500, 3)[0]
     (clf_train, y_train), (clf_val, y_val) = sentences(2000, 4), sentences(500, 5)
 else:
-    from xbraid_transformers.data import movie_reviews  # the offline loaders (DATA.md)
-    tokenizer = movie_reviews.wordpiece_tokenizer(vocab_size=8000)
-    vocab = tokenizer.get_vocab_size()
-    mlm_train, mlm_val = (torch.as_tensor(movie_reviews.imdb_ids(split, max_len=args.max_len))
-                          for split in ("train", "test"))
-    (clf_train, y_train), (clf_val, y_val) = (
-        tuple(map(torch.as_tensor, movie_reviews.rotten_tomatoes_ids(split, max_len=args.max_len)))
-        for split in ("train", "val"))
+    from xbraid_transformers.data import (encode_for_classification, imdb_lm, pad_sequences,
+                                          rotten_tomatoes_splits)
+    data = imdb_lm(tokenizer="wordpiece", vocab_size=8192)   # cached; ~40 s the first time
+    tokenizer, vocab = data.tokenizer, data.vocab_size
+    assert [tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
 
+    def windows(stream, n):  # n windows of the review stream, each led by [CLS]: (n, max_len)
+        body = torch.from_numpy(stream[: n * (args.max_len - 1)].astype("int64")).view(n, -1)
+        return torch.cat([torch.full((n, 1), CLS), body], 1)
+
+    mlm_train, mlm_val = windows(data.splits["train"], 20_000), windows(data.splits["val"], 1_000)
+    rotten = rotten_tomatoes_splits()
+
+    def encoded(split):
+        texts, labels = rotten[split]
+        ids, _ = pad_sequences(encode_for_classification(texts, tokenizer, args.max_len), PAD, args.max_len)
+        return ids, labels
+
+    (clf_train, y_train), (clf_val, y_val) = encoded("train"), encoded("val")
 
 def mlm_batch(data, g, size):
     return mask_tokens(data[torch.randint(len(data), (size,), generator=g)], MASK, vocab,
