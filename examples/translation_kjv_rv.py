@@ -36,14 +36,17 @@ if args.synthetic:  # "translate" = reverse the sentence and map every word to a
         return src, tgt
     (src_train, tgt_train), (src_val, tgt_val) = pairs(4000, 2), pairs(300, 3)
 else:
-    from xbraid_transformers.data import bible  # the offline KJV / RV1909 loader (DATA.md)
-    tokenizer = bible.joint_bpe_tokenizer(vocab_size=8000)   # specials [PAD]=0 [BOS]=1 [EOS]=2
-    vocab = tokenizer.get_vocab_size()
-    (src_train, tgt_train), (src_val, tgt_val) = (
-        tuple(map(torch.as_tensor, bible.verse_pair_ids(split, max_len=args.max_len)))
-        for split in ("train", "val"))
-    detokenize = tokenizer.decode
+    from xbraid_transformers.data import kjv_rv_translation  # the offline loader (DATA.md)
+    data = kjv_rv_translation(vocab_size=8000, max_len=args.max_len)   # cached after the first call
+    PAD, BOS, EOS = data.pad_id, data.bos_id, data.eos_id
+    vocab = data.tokenizer.vocab_size
 
+    def padded(split):  # (src [N, S] ending in EOS, tgt [N, T] as BOS ... EOS), PAD-filled
+        batch = data.collate(split, range(len(data.splits[split][0])))
+        return batch.src, batch.tgt
+
+    (src_train, tgt_train), (src_val, tgt_val) = padded("train"), padded("val")
+    detokenize = data.tokenizer.decode
 
 def next_batch(g):
     i = torch.randint(len(src_train), (args.batch,), generator=g)
@@ -70,7 +73,8 @@ def evaluate(model):
     return metrics
 
 
-config = Seq2SeqConfig(src_vocab=vocab, tgt_vocab=vocab, max_len=max(args.max_len, 16),
+longest = max(t.shape[1] for t in (src_train, tgt_train, src_val, tgt_val))
+config = Seq2SeqConfig(src_vocab=vocab, tgt_vocab=vocab, max_len=max(longest, 16),
                        d_model=128, n_heads=4, num_encoder_layers=args.layers,
                        num_decoder_layers=args.layers, dropout=0.1, pad_id=PAD, bos_id=BOS,
                        eos_id=EOS, parallel=parallel_config(args))
