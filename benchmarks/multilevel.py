@@ -29,6 +29,20 @@ from xbraid_transformers.multilevel import MultilevelSchedule, Phase, coarse_vie
 
 
 # ----------------------------------------------------------------------------- families
+def batch_loss(seed, draw, loss):
+    """``loss_on(model, step)``: the loss of batch ``step``, drawn once per step from a seeded
+    stream, so extra gradient evaluations (MG/OPT) at one step see the same batch."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    cache = {}
+
+    def loss_on(model, step):
+        if step not in cache:
+            cache.clear()
+            cache[step] = draw(gen)
+        return loss(model, *cache[step])
+    return loss_on
+
+
 def gpt_family(quick: bool):
     from xbraid_transformers.data.text import shakespeare_lm
     from xbraid_transformers.models.gpt import GPT, GPTConfig
@@ -46,16 +60,8 @@ def gpt_family(quick: bool):
         return model
 
     def train_batch(seed):
-        gen = torch.Generator().manual_seed(10_000 + seed)
-        cache = {}
-
-        def loss_on(model, step):
-            if step not in cache:
-                cache.clear()
-                cache[step] = data.get_batch("train", batch, block, gen)
-            x, y = cache[step]
-            return model(x, y)[1]
-        return loss_on
+        return batch_loss(seed, lambda gen: data.get_batch("train", batch, block, gen),
+                          lambda model, x, y: model(x, y)[1])
 
     def val_loss(model):
         with torch.no_grad():
@@ -82,18 +88,12 @@ def vit_family(quick: bool):
         model.serial()
         return model
 
-    def train_batch(seed):
-        gen = torch.Generator().manual_seed(10_000 + seed)
-        cache = {}
+    def draw(gen):
+        idx = torch.randint(len(train_x), (batch,), generator=gen)
+        return train_x[idx], train_y[idx]
 
-        def loss_on(model, step):
-            if step not in cache:
-                cache.clear()
-                idx = torch.randint(len(train_x), (batch,), generator=gen)
-                cache[step] = train_x[idx], train_y[idx]
-            x, y = cache[step]
-            return loss_fn(model(x), y)
-        return loss_on
+    def train_batch(seed):
+        return batch_loss(seed, draw, lambda model, x, y: loss_fn(model(x), y))
 
     def val_loss(model):
         with torch.no_grad():
