@@ -2,8 +2,9 @@
 from . import mgrit, multilevel, perf
 from .config import MGRITConfig
 from .control import AdaptiveController, ControlConfig
-from .distributed import (SpawnError, broadcast_replicated_, gather_state_dict, init_distributed,
-                          layer_data_groups, spawn)
+from .distributed import (SpawnError, broadcast_replicated_, clip_grad_norm_,
+                          gather_optimizer_state, gather_state_dict, init_distributed,
+                          layer_data_groups, load_optimizer_state, spawn)
 from .layer_parallel import LayerParallel, SolveStats
 from .nn import (LayerParallelTransformer, LayerParallelTransformerDecoder,
                  LayerParallelTransformerEncoder)
@@ -13,7 +14,7 @@ __all__ = [
     "LayerParallelTransformerEncoder", "LayerParallelTransformerDecoder", "LayerParallelTransformer",
     "AdaptiveController", "ControlConfig",
     "init_distributed", "spawn", "SpawnError", "gather_state_dict", "broadcast_replicated_",
-    "layer_data_groups",
+    "gather_optimizer_state", "load_optimizer_state", "clip_grad_norm_", "layer_data_groups",
     "mgrit", "multilevel", "perf",
 ]
 __version__ = "0.1.0"

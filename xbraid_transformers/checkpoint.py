@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 FORMAT = "xbraid_transformers-checkpoint"
-VERSION = 1
+VERSION = 2   # 2: the optimizer state is keyed by parameter name
 REQUIRED = ("format", "version", "step", "model")
 
 

@@ -175,36 +175,58 @@ def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=
 
 
 def run_training(task_cfg: TaskConfig, train_cfg: TrainConfig, until: Optional[int] = None,
-                 threads: Optional[int] = None) -> dict:
-    """Seed, build the task (same initialisation for every mode) and train."""
+                 threads: Optional[int] = None, comm=None) -> Optional[dict]:
+    """Seed, build the task (same initialisation for every mode) and train; ``comm``: the
+    layer-parallel group. Returns the summary with its ``history`` (None on ranks other than 0)."""
     import torch
     from .tasks import build_task
     from .train import Trainer, seed_everything
     if threads:
         torch.set_num_threads(threads)
     seed_everything(task_cfg.seed)
-    task = build_task(task_cfg)
+    task = build_task(task_cfg, comm)
     trainer = Trainer(task, train_cfg)
     summary = trainer.fit(until=until)
     summary["history"] = trainer.history
-    return summary
+    return summary if trainer.is_main else None
 
 
 # ---------------------------------------------------------------------------- commands
-def _spawn(nprocs: int, fn, *args):
-    """Run ``fn(*args)`` on ``nprocs`` gloo ranks with the distributed engine's spawner."""
-    try:
-        from .distributed import spawn
-    except ImportError:
-        raise TaskUnavailable(f"--nprocs {nprocs} needs xbraid_transformers.distributed (the "
-                              "multi-process engine), which this installation does not have yet")
-    return spawn(_on_rank, nprocs, fn, *args)
+def _on_rank(comm, *args):
+    """Worker entry of ``--nprocs`` (module level, so picklable)."""
+    return run_training(*args, comm=comm)
 
 
-def _on_rank(comm, fn, *args):
-    """Worker entry of the spawner (module level, so picklable): ``fn(*args)`` on this rank."""
-    result = fn(*args)
-    return result if comm.rank == 0 else None
+class Runner:
+    """Where the runs happen: this process alone, ``--nprocs`` spawned gloo processes, or the
+    processes of torchrun / mpiexec / srun (each of which runs the command)."""
+
+    def __init__(self, nprocs: int, threads: int, parser):
+        from .distributed import detect_launcher, init_distributed
+        self.nprocs, self.threads, self.comm = nprocs, threads, None
+        if detect_launcher() != "single":
+            if nprocs > 1:
+                parser.error("--nprocs spawns processes itself; under torchrun, mpiexec or srun "
+                             "leave it out (the launcher's processes are the ranks)")
+            self.comm = init_distributed()
+            if self.comm.rank != 0:    # one voice: the other ranks only log warnings
+                logging.getLogger().setLevel(logging.WARNING)
+
+    @property
+    def is_main(self) -> bool:
+        return self.comm is None or self.comm.rank == 0
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def train(self, task_cfg: TaskConfig, train_cfg: TrainConfig) -> Optional[dict]:
+        """The summary of one run (with its history) on the main process, None elsewhere."""
+        if self.nprocs > 1:
+            from .distributed import spawn
+            spawn(_on_rank, self.nprocs, task_cfg, train_cfg, None, self.threads)
+            return _read_run(train_cfg.out_dir)
+        return run_training(task_cfg, train_cfg, threads=self.threads, comm=self.comm)
 
 
 def cmd_train(args, parser) -> int:
@@ -217,15 +239,13 @@ def cmd_train(args, parser) -> int:
                                            args.progress, args.tensorboard)
     except ValueError as error:
         parser.error(str(error))
-    if args.nprocs > 1:
-        _spawn(args.nprocs, run_training, task_cfg, train_cfg, None, args.threads)
-        print(f"done: metrics in {out}/metrics.jsonl, summary in {out}/summary.json")
-        return 0
-    summary = run_training(task_cfg, train_cfg, threads=args.threads)
-    print(f"{args.mode}: {summary['steps']} steps, final loss {summary['final_loss']}, "
-          f"eval loss {summary['final_eval_loss']}, switch batch {summary['switch_step']}"
-          + (f", DIVERGED {summary['diverged']}" if summary["diverged"] else ""))
-    print(f"metrics: {out}/metrics.jsonl  summary: {out}/summary.json")
+    runner = Runner(args.nprocs, args.threads, parser)
+    summary = runner.train(task_cfg, train_cfg)
+    if summary is not None:
+        runner.say(f"{args.mode}: {summary['steps']} steps, final loss {summary['final_loss']}, "
+                   f"eval loss {summary['final_eval_loss']}, switch batch {summary['switch_step']}"
+                   + (f", DIVERGED {summary['diverged']}" if summary["diverged"] else ""))
+        runner.say(f"metrics: {out}/metrics.jsonl  summary: {out}/summary.json")
     return 0
 
 
@@ -235,19 +255,20 @@ def cmd_compare(args, parser) -> int:
     out = args.out or os.path.join("runs", f"compare-{args.task}")
     runs = {}
     start = time.perf_counter()
+    runner = Runner(args.nprocs, args.threads, parser)
     for mode in ("serial", "parallel", "adaptive"):
         try:
             task_cfg, train_cfg = make_configs(values, args.task, mode, os.path.join(out, mode),
                                                progress=args.progress, monitor=(mode == "parallel"))
         except ValueError as error:
             parser.error(str(error))
-        _fresh(train_cfg.out_dir)
-        print(f"[{mode}] training {values['steps']} steps ...", flush=True)
-        if args.nprocs > 1:
-            _spawn(args.nprocs, run_training, task_cfg, train_cfg, None, args.threads)
-            runs[mode] = _read_run(train_cfg.out_dir)
-        else:
-            runs[mode] = run_training(task_cfg, train_cfg, threads=args.threads)
+        if runner.is_main:
+            _fresh(train_cfg.out_dir)
+        runner.say(f"[{mode}] training {values['steps']} steps ...")
+        runs[mode] = runner.train(task_cfg, train_cfg)
+    if not runner.is_main:
+        return 0
+    nprocs = runner.comm.size if runner.comm is not None else args.nprocs
     mg = task_cfg.mgrit
     notes = [f"task {args.task}: {values['layers']} layers, d_model {values['d_model']}, "
              f"{values['steps']} batches of {values['batch_size']}, seed {values['seed']}, lr "
@@ -258,7 +279,7 @@ def cmd_compare(args, parser) -> int:
              "all three runs start from the same initialisation and see the same batches; the "
              "layer-parallel run is probed on the same schedule for the rho plot (monitor only)",
              "eval loss: the exact (serial) network on fixed validation batches",
-             f"{args.nprocs} process(es); total run time {time.perf_counter() - start:.0f} s"]
+             f"{nprocs} process(es); total run time {time.perf_counter() - start:.0f} s"]
     path = write_report(out, runs, values["threshold"], f"xbt compare --task {args.task}"
                         + (" --quick" if args.quick else ""), notes)
     print(open(path, encoding="utf-8").read().split("\n\n![")[0])

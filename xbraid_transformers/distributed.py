@@ -10,6 +10,9 @@
 - ``layer_data_groups(layer_size)``: the sub-groups of layer x data parallelism.
 - ``gather_state_dict(model)``: the full state dict on rank 0 of the layer-parallel group.
 - ``broadcast_replicated_(model)``: make the replicated parameters equal to rank 0's.
+- ``gather_optimizer_state`` / ``load_optimizer_state``: an optimizer's state keyed by
+  parameter name, whole on rank 0, loadable on any number of ranks.
+- ``clip_grad_norm_(model, max_norm)``: gradient clipping by the whole model's norm.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ class SpawnError(RuntimeError):
 
 
 # ---------------------------------------------------------------------- launchers
-def _launcher() -> str:
+def detect_launcher() -> str:
+    """What started this process: "torchrun", "mpi" (mpiexec, srun) or "single"."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env:
         return "torchrun"
@@ -59,7 +63,7 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[float] = N
     timeout = default_timeout(timeout)
     if dist.is_available() and dist.is_initialized():
         return TorchComm(timeout=timeout)
-    launcher = _launcher()
+    launcher = detect_launcher()
     if launcher == "single":
         return SERIAL
     if launcher == "mpi" and backend in (None, "mpi"):
@@ -165,15 +169,117 @@ def broadcast_replicated_(model: nn.Module) -> nn.Module:
     by each rank are left alone. Call it after building and initialising a model whose
     initialisation may draw different random numbers on different ranks."""
     stacks = _stacks(model)
-    comms = [s.comm for _, s in stacks if s.comm.size > 1]
-    if not comms:
+    comm = _layer_comm(model)
+    if comm.size == 1:
         return model
-    comm = comms[0]
     inside = {id(t) for _, s in stacks for t in [*s.parameters(), *s.buffers()]}
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in inside:
             t.copy_(comm.broadcast(t.to(comm.device), root=0))
     return model
+
+
+def _layer_comm(model: nn.Module) -> Communicator:
+    comms = [s.comm for _, s in _stacks(model) if s.comm.size > 1]
+    return comms[0] if comms else SERIAL
+
+
+def _allgather_objects(comm: Communicator, value) -> list:
+    """Every rank's ``value`` (tensors and plain data), in rank order."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    sizes = [int(n) for n in comm.allgather(torch.tensor([data.numel()], device=comm.device))]
+    padded = torch.zeros(max(sizes), dtype=torch.uint8)
+    padded[: data.numel()] = data
+    parts = comm.allgather(padded.to(comm.device))
+    return [torch.load(io.BytesIO(part[:n].cpu().numpy().tobytes()), weights_only=True)
+            for part, n in zip(parts, sizes)]
+
+
+def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[dict]:
+    """``optimizer``'s state with parameters named as in ``model.named_parameters()``: on rank 0
+    of the layer-parallel group, the state of every layer whichever rank owns it (None on the
+    others; every rank must call it). The result loads with :func:`load_optimizer_state` on
+    any number of ranks."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = optimizer.state_dict()
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    mine = {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
+                             for g in state["param_groups"]]}
+    comm = _layer_comm(model)
+    if comm.size == 1:
+        return mine
+    parts = _allgather_objects(comm, mine)
+    if comm.rank != 0:
+        return None
+    whole = {"state": {}, "param_groups": [dict(g, params=[]) for g in mine["param_groups"]]}
+    for part in parts:
+        whole["state"].update(part["state"])
+        for group, theirs in zip(whole["param_groups"], part["param_groups"]):
+            group["params"] += [n for n in theirs["params"] if n not in group["params"]]
+    return whole
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a :func:`gather_optimizer_state` result: each rank takes the state of its own
+    parameters (and every group's hyperparameters)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    index, groups = 0, []
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"the saved optimizer has {len(state['param_groups'])} parameter groups, "
+                         f"this one {len(optimizer.param_groups)}")
+    per_param = {}
+    for saved, group in zip(state["param_groups"], optimizer.param_groups):
+        ids = []
+        for p in group["params"]:
+            name = names[id(p)]
+            if name not in saved["params"]:
+                raise ValueError(f"the saved optimizer state has no parameter {name!r}")
+            if name in state["state"]:
+                per_param[index] = state["state"][name]
+            ids.append(index)
+            index += 1
+        groups.append({**saved, "params": ids})
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model whose LayerParallel stacks are split over
+    ranks: the norm is that of the whole model's gradient (each layer counted once, on the rank
+    that owns it; the replicated parameters once), the same on every rank, and so is the
+    scaling. Returns the total norm (float32 scalar)."""
+    if not norm_type >= 1:
+        raise ValueError(f"norm_type must be >= 1 or inf, got {norm_type!r}")
+    stacks = [s for _, s in _stacks(model)]
+    inside = {id(p) for s in stacks for p in s.layers.parameters()}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    split = [p.grad for s in stacks for p in s.layers.parameters() if p.grad is not None]
+    replicated = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in inside]
+    comm = _layer_comm(model)
+    infinite = norm_type == float("inf")
+
+    def local(gs):
+        if not gs:
+            return torch.zeros((), dtype=torch.float64)
+        if infinite:
+            return torch.stack([g.detach().abs().max().double().cpu() for g in gs]).max()
+        return sum(g.detach().double().norm(norm_type).cpu() ** norm_type for g in gs)
+
+    mine = local(split).reshape(1)
+    if comm.size > 1:
+        mine = comm.allreduce(mine.to(comm.device), "max" if infinite else "sum").cpu()
+    if infinite:
+        total = torch.maximum(mine[0], local(replicated))
+    else:
+        total = (mine[0] + local(replicated)) ** (1.0 / norm_type)
+    scale = float(max_norm) / (float(total) + 1e-6)
+    if scale < 1:
+        for g in grads:
+            g.mul_(scale)
+    return total.float()
 
 
 # ---------------------------------------------------------------------- spawning

@@ -6,7 +6,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -51,29 +51,31 @@ INFINIBAND = LinkModel(latency=10e-6, bandwidth=23e9)
 
 
 class VirtualClock:
-    """Virtual time of one rank: CPU time of the calling thread between communications (one
-    torch thread per rank), plus message arrival times from the senders' clocks."""
+    """Virtual time of one rank: its CPU time between communications, plus message arrival
+    times from the senders' clocks. ``timer``: ``time.thread_time`` (default) for a rank with
+    one torch thread, ``time.process_time`` for a process with several."""
 
-    def __init__(self):
+    def __init__(self, timer: Callable[[], float] = time.thread_time):
+        self.timer = timer
         self.time = 0.0
         self.compute = 0.0
         self.messages = 0
         self.bytes = 0
-        self._mark = time.thread_time()
+        self._mark = timer()
 
     def tick(self) -> None:
-        now = time.thread_time()
+        now = self.timer()
         self.time += now - self._mark
         self.compute += now - self._mark
         self._mark = now
 
     def resume(self) -> None:
-        self._mark = time.thread_time()
+        self._mark = self.timer()
 
     def reset(self) -> None:
         self.time = self.compute = 0.0
         self.messages = self.bytes = 0
-        self._mark = time.thread_time()
+        self._mark = self.timer()
 
 
 class ClockedComm(Communicator):
@@ -85,8 +87,9 @@ class ClockedComm(Communicator):
     others, so that emulated ranks compute one at a time: with more busy threads than cores
     (and the GIL between torch calls), thread CPU times were measured up to twice too large."""
 
-    def __init__(self, inner: Communicator, link: LinkModel = NVLINK, gate=None):
-        self.inner, self.link, self.clock = inner, link, VirtualClock()
+    def __init__(self, inner: Communicator, link: LinkModel = NVLINK, gate=None,
+                 clock: Optional[VirtualClock] = None):
+        self.inner, self.link, self.clock = inner, link, clock or VirtualClock()
         self.gate = gate
         self.rank, self.size, self.timeout, self.device = inner.rank, inner.size, inner.timeout, inner.device
         self._hops = max(1, math.ceil(math.log2(max(self.size, 2))))
@@ -159,6 +162,26 @@ class ClockedComm(Communicator):
     def flush(self):
         with self._waiting():
             self.inner.flush()
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+
+def attach_clock(model: torch.nn.Module, link: LinkModel = NVLINK,
+                 clock: Optional[VirtualClock] = None) -> VirtualClock:
+    """Measure ``model``'s virtual time in a real run: every LayerParallel stack split over
+    several ranks talks through a ``ClockedComm`` that shares one clock per process, so that
+    this rank's clock is its own CPU time plus waits for messages under the ``link`` model
+    (the time the run would take with a core or device per rank). ``clock.tick()`` brings
+    the clock up to date; ``sync_clock`` makes it the latest over the ranks. CPU runs only:
+    CUDA kernels run asynchronously to the CPU clock."""
+    from .layer_parallel import LayerParallel
+    clock = clock or VirtualClock()
+    for stack in model.modules():
+        if isinstance(stack, LayerParallel) and stack.comm.size > 1:
+            inner = stack.comm.inner if isinstance(stack.comm, ClockedComm) else stack.comm
+            stack.comm = ClockedComm(inner, link, clock=clock)
+    return clock
 
 
 def emulate(fn: Callable[..., Any], nprocs: int, *args, link: LinkModel = NVLINK,

@@ -4,9 +4,9 @@ A task bundles a model, a deterministic batch source and a loss. Batches are a p
 (seed, split, step, micro-batch index), so the data position of a checkpoint is just the step
 number and a resumed run (on any number of ranks) sees exactly the batches it would have seen.
 
-Adding a task is one entry in ``TASKS``: a :class:`TaskSpec` whose ``build(config)`` returns a
-:class:`Task`. Builders import models and data lazily, so a task whose model or data source is
-not installed raises :class:`TaskUnavailable` with the reason and the install command.
+Adding a task is one entry in ``TASKS``: a :class:`TaskSpec` whose ``build(config, comm)``
+returns a :class:`Task`. Builders import models and data lazily, so a task whose model or data
+source is not installed raises :class:`TaskUnavailable` with the reason and the install command.
 """
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ def default_group():
     return None
 
 
+def _in_step(model: nn.Module) -> nn.Module:
+    """Across ranks, the replicated parts (embeddings, heads) start from rank 0's values."""
+    from .distributed import broadcast_replicated_
+    return broadcast_replicated_(model)
+
+
 class Task:
     """A model and its data: ``batch(split, step, micro)`` and ``loss(batch)``."""
 
@@ -80,7 +86,7 @@ class Task:
 class CountingModel(nn.Module):
     """Embedding -> layer-parallel pre-LN encoder -> per-token classifier."""
 
-    def __init__(self, config: TaskConfig):
+    def __init__(self, config: TaskConfig, comm=None):
         super().__init__()
         from .nn import LayerParallelTransformerEncoder
         c = config
@@ -90,7 +96,7 @@ class CountingModel(nn.Module):
                                            norm_first=True, batch_first=True)
         self.encoder = LayerParallelTransformerEncoder(layer, c.layers, nn.LayerNorm(c.d_model),
                                                        mgrit=c.mgrit, step_size=c.step_size,
-                                                       dropout_seed=c.seed, comm=default_group())
+                                                       dropout_seed=c.seed, comm=comm)
         self.head = nn.Linear(c.d_model, c.seq_len + 1)
 
     def forward(self, tokens):                      # tokens: (B, T)
@@ -103,8 +109,8 @@ class SyntheticTask(Task):
 
     name = "synthetic"
 
-    def __init__(self, config: TaskConfig):
-        super().__init__(config, CountingModel(config))
+    def __init__(self, config: TaskConfig, comm=None):
+        super().__init__(config, CountingModel(config, comm))
 
     def batch(self, split, step, micro=0):
         c = self.config
@@ -133,7 +139,7 @@ class GrowthTask(Task):
     name = "growth"
     gain = 4.0
 
-    def __init__(self, config: TaskConfig):
+    def __init__(self, config: TaskConfig, comm=None):
         from .layer_parallel import LayerParallel
         d, c = config.d_model, config
         layers = [nn.Linear(d, d) for _ in range(c.layers)]
@@ -142,7 +148,7 @@ class GrowthTask(Task):
             nn.init.zeros_(layer.bias)
         h = c.step_size if c.step_size is not None else 1.0 / c.layers
         model = LayerParallel(layers, step_size=h, mgrit=c.mgrit, dropout_seed=c.seed,
-                              comm=default_group())
+                              comm=comm)
         super().__init__(config, model)
         g = torch.Generator().manual_seed(1000 + c.seed)
         skew = torch.randn(d, d, generator=g) / d ** 0.5
@@ -177,7 +183,7 @@ class GPTTask(Task):
 
     name = "gpt"
 
-    def __init__(self, config: TaskConfig):
+    def __init__(self, config: TaskConfig, comm=None):
         from .data.text import shakespeare_lm, text_file_lm
         from .models import GPT, GPTConfig, ParallelConfig
         c = config
@@ -187,8 +193,8 @@ class GPTTask(Task):
         parallel = ParallelConfig(mgrit=c.mgrit, final_time=_final_time(c), dropout_seed=c.seed)
         model = GPT(GPTConfig(vocab_size=self.data.vocab_size, block_size=c.seq_len,
                               d_model=c.d_model, n_heads=c.heads, num_layers=c.layers,
-                              dropout=c.dropout, parallel=parallel), comm=default_group())
-        super().__init__(config, _replicated_in_step(model))
+                              dropout=c.dropout, parallel=parallel), comm=comm)
+        super().__init__(config, _in_step(model))
 
     def batch(self, split, step, micro=0):
         return self.data.get_batch(split, self.config.batch_size, self.config.seq_len,
@@ -196,14 +202,6 @@ class GPTTask(Task):
 
     def loss(self, batch):
         return self.model(*batch)[1]
-
-
-def _replicated_in_step(model: nn.Module) -> nn.Module:
-    """Across ranks, the replicated parts (embeddings, heads) start from rank 0's values."""
-    if default_group() is not None:
-        from .distributed import broadcast_replicated_
-        broadcast_replicated_(model)
-    return model
 
 
 def _parallel(config: TaskConfig):
@@ -237,7 +235,7 @@ class BertTask(_Sampled):
 
     name = "bert"
 
-    def __init__(self, config: TaskConfig):
+    def __init__(self, config: TaskConfig, comm=None):
         from .data.text import imdb_lm
         from .models import Bert, BertConfig
         c = config
@@ -248,8 +246,8 @@ class BertTask(_Sampled):
         model = Bert(BertConfig(vocab_size=self.vocab, max_len=c.seq_len, d_model=c.d_model,
                                 n_heads=c.heads, num_layers=c.layers, dropout=c.dropout,
                                 pad_id=pad, mask_id=self.mask_id, parallel=_parallel(c)),
-                     comm=default_group())
-        super().__init__(config, _replicated_in_step(model))
+                     comm=comm)
+        super().__init__(config, _in_step(model))
 
     def loss(self, batch):
         from .models import mask_tokens
@@ -263,7 +261,7 @@ class ClsTask(_Sampled):
 
     name = "cls"
 
-    def __init__(self, config: TaskConfig):
+    def __init__(self, config: TaskConfig, comm=None):
         from .data.batching import pad_sequences
         from .data.text import encode_for_classification, rotten_tomatoes_splits
         from .data.tokenize import train_wordpiece
@@ -278,8 +276,8 @@ class ClsTask(_Sampled):
         bert = Bert(BertConfig(vocab_size=tokenizer.vocab_size, max_len=c.seq_len, d_model=c.d_model,
                                n_heads=c.heads, num_layers=c.layers, dropout=c.dropout, pad_id=pad,
                                mask_id=tokenizer.token_to_id("[MASK]"), parallel=_parallel(c)),
-                    comm=default_group())
-        super().__init__(config, _replicated_in_step(BertClassifier(bert, 2, dropout=c.dropout)))
+                    comm=comm)
+        super().__init__(config, _in_step(BertClassifier(bert, 2, dropout=c.dropout)))
 
     def loss(self, batch):
         ids, labels, _ = batch
@@ -292,7 +290,7 @@ class ViTTask(_Sampled):
 
     name = "vit"
 
-    def __init__(self, config: TaskConfig):
+    def __init__(self, config: TaskConfig, comm=None):
         import logging
         from .data.images import image_splits, images_to_float
         from .data.sources import DataSourceMissing
@@ -305,8 +303,8 @@ class ViTTask(_Sampled):
             parts = _data(lambda: image_splits("mnist_5k"))
         self.splits = {s: (images_to_float(x), y) for s, (x, y) in parts.items()}
         model = ViT(ViTConfig(d_model=c.d_model, n_heads=c.heads, num_layers=c.layers,
-                              dropout=c.dropout, parallel=_parallel(c)), comm=default_group())
-        super().__init__(config, _replicated_in_step(model))
+                              dropout=c.dropout, parallel=_parallel(c)), comm=comm)
+        super().__init__(config, _in_step(model))
 
     def loss(self, batch):
         images, labels, _ = batch
@@ -320,7 +318,7 @@ class TranslationTask(_Sampled):
 
     name = "mt"
 
-    def __init__(self, config: TaskConfig):
+    def __init__(self, config: TaskConfig, comm=None):
         from .data.translation import kjv_rv_translation, tsv_translation
         from .models import Seq2Seq, Seq2SeqConfig
         c = config
@@ -338,8 +336,8 @@ class TranslationTask(_Sampled):
                                       d_model=c.d_model, n_heads=c.heads,
                                       num_encoder_layers=c.layers // 2, num_decoder_layers=c.layers // 2,
                                       dropout=c.dropout, pad_id=data.pad_id, bos_id=data.bos_id,
-                                      eos_id=data.eos_id, parallel=_parallel(c)), comm=default_group())
-        super().__init__(config, _replicated_in_step(model))
+                                      eos_id=data.eos_id, parallel=_parallel(c)), comm=comm)
+        super().__init__(config, _in_step(model))
 
     def loss(self, batch):
         src, tgt, _ = batch
@@ -349,11 +347,11 @@ class TranslationTask(_Sampled):
 # ---------------------------------------------------------------------------- registry
 @dataclass
 class TaskSpec:
-    """A registry entry: the builder, a one-line description, the CLI defaults of the task
-    (``TaskConfig``/``TrainConfig``/``ControlConfig`` field names) and the overrides of
-    ``xbt compare --quick``."""
+    """A registry entry: the builder ``build(config, comm)``, a one-line description, the CLI
+    defaults of the task (``TaskConfig``/``TrainConfig``/``ControlConfig`` field names) and the
+    overrides of ``xbt compare --quick``."""
 
-    build: Callable[[TaskConfig], Task]
+    build: Callable[..., Task]
     description: str
     defaults: Dict[str, object] = field(default_factory=dict)
     quick: Dict[str, object] = field(default_factory=dict)
@@ -402,8 +400,11 @@ TASKS: Dict[str, TaskSpec] = {
 }
 
 
-def build_task(config: TaskConfig) -> Task:
+def build_task(config: TaskConfig, comm=None) -> Task:
+    """The task's model and data. ``comm``: the layer-parallel group its stacks are split over
+    (an xbt ``Communicator``, a process group or an mpi4py communicator); None: the default
+    torch.distributed group when one is initialised with several ranks, else this process."""
     spec = TASKS.get(config.name)
     if spec is None:
         raise TaskUnavailable(f"unknown task {config.name!r}; choose from {', '.join(TASKS)}")
-    return spec.build(config)
+    return spec.build(config, default_group() if comm is None else comm)

@@ -31,8 +31,12 @@ import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .control import AdaptiveController, ControlConfig
+from .distributed import (clip_grad_norm_, gather_optimizer_state, gather_state_dict,
+                          load_optimizer_state)
 from .layer_parallel import LayerParallel
+from .mgrit.comm import SERIAL, Communicator
 from .mgrit.solver import MGRITDivergenceError
+from .perf import VirtualClock, attach_clock
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,9 @@ class TrainConfig:
     ``print_every`` steps.
     monitor: in ``parallel`` mode, probe on the controller's schedule and record rho without
     ever acting (the probes' extra iterations are the only change to the run).
+    virtual_time: record each step's virtual time (``perf.attach_clock``): the rank's CPU time
+    plus message waits under an NVLink model, the step time with a core or device per rank;
+    CPU models only.
     """
 
     mode: str = "parallel"
@@ -74,6 +81,7 @@ class TrainConfig:
     progress: Optional[bool] = None
     tensorboard: bool = False
     monitor: bool = False
+    virtual_time: bool = True
     control: ControlConfig = field(default_factory=ControlConfig)
 
     def __post_init__(self):
@@ -110,30 +118,14 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _virtual_clock():
-    """``perf.virtual_time()`` when the perf module provides one, else None."""
-    try:
-        from . import perf  # noqa: F401  (written by the distributed engineer)
-    except ImportError:
-        return None
-    return getattr(perf, "virtual_time", None)
-
-
-def full_state_dict(model: torch.nn.Module) -> dict:
-    """The whole model's state dict on every layout (gathered when distributed)."""
-    try:
-        from .distributed import gather_state_dict
-    except ImportError:
-        return model.state_dict()
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return gather_state_dict(model)    # None on ranks other than 0
-    return model.state_dict()
+def layer_comm(modules: List[LayerParallel]) -> Communicator:
+    """The one layer-parallel group of a model's stacks (the trainer keeps every stack's ranks
+    in step, so all must share it)."""
+    comms = {(m.comm.rank, m.comm.size) for m in modules}
+    if len(comms) > 1:
+        raise ValueError(f"the model's LayerParallel stacks are split over different groups "
+                         f"(rank, size): {sorted(comms)}; the trainer needs one group")
+    return modules[0].comm if modules else SERIAL
 
 
 class Trainer:
@@ -142,9 +134,14 @@ class Trainer:
     def __init__(self, task: Task, config: TrainConfig):
         self.task, self.config = task, config
         self.model = task.model
-        self.rank = _rank()
         self.modules: List[LayerParallel] = [m for m in self.model.modules()
                                              if isinstance(m, LayerParallel)]
+        self.clock: Optional[VirtualClock] = None
+        if config.virtual_time and not any(p.is_cuda for p in self.model.parameters()):
+            timer = time.thread_time if torch.get_num_threads() == 1 else time.process_time
+            self.clock = attach_clock(self.model, clock=VirtualClock(timer))
+        self.comm = layer_comm(self.modules)
+        self.rank = self.comm.rank
         for module in self.modules:
             module.serial() if config.mode == "serial" else module.layer_parallel()
         self.controller = None
@@ -163,7 +160,6 @@ class Trainer:
         self.train_seconds = 0.0
         self.virtual_seconds: Optional[float] = None
         self.diverged: Optional[str] = None
-        self._clock = _virtual_clock()
         self._writer = None
         if config.resume is not None:
             path = (os.path.join(config.out_dir, "checkpoint.pt") if config.resume == "auto"
@@ -195,8 +191,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"step": self.step, "model": full_state_dict(self.model),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"step": self.step, "model": gather_state_dict(self.model),
+                "optimizer": gather_optimizer_state(self.model, self.optimizer),
+                "scheduler": self.scheduler.state_dict(),
                 "controller": self.controller.state_dict() if self.controller else None,
                 "dropout": [m.dropout.state_dict() for m in self.modules],
                 "modes": [m.parallel for m in self.modules],
@@ -221,7 +218,7 @@ class Trainer:
             raise ValueError(f"checkpoint {path!r} is of a {state['mode']!r} run, this run is "
                              f"{self.config.mode!r}")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.controller is not None and state.get("controller"):
             self.controller.load_state_dict(state["controller"])
@@ -239,15 +236,16 @@ class Trainer:
         cfg, task = self.config, self.task
         self.model.train()
         start = time.perf_counter()
-        virtual_start = self._clock() if self._clock else None
+        if self.clock is not None:
+            self.clock.resume()        # the time between steps (evaluation, files) is not counted
+            virtual_start = self.clock.time
         probe = self.controller.before_step() if self.controller else False
         total = 0.0
         for micro in range(cfg.grad_accum):
             loss = task.loss(task.batch("train", self.step, micro)) / cfg.grad_accum
             loss.backward()
             total += loss.item()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip).item()
-                     if cfg.clip > 0 else None)
+        grad_norm = clip_grad_norm_(self.model, cfg.clip).item() if cfg.clip > 0 else None
         stats = self.modules[0].stats if self.modules else None
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -255,8 +253,12 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.train_seconds += time.perf_counter() - start
-        if virtual_start is not None:
-            self.virtual_seconds = (self.virtual_seconds or 0.0) + self._clock() - virtual_start
+        if self.clock is not None:
+            if self.comm.size > 1:    # the step ends when the slowest rank is done
+                self.comm.allreduce(torch.zeros(1, device=self.comm.device), "max")
+            else:
+                self.clock.tick()
+            self.virtual_seconds = (self.virtual_seconds or 0.0) + self.clock.time - virtual_start
         record = {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm,
                   "time": self.train_seconds, "virtual_time": self.virtual_seconds,
                   "mode": stats.mode if stats else "serial", "probe": probe,
