@@ -18,6 +18,10 @@ TINY = ["--task", "synthetic", "--layers", "4", "--d-model", "8", "--heads", "2"
     (["train", "--task", "synthetic", "--mode", "fast"], "invalid choice"),
     (["train", "--task", "synthetic", "--layers", "6", "--cfactor", "4"], "multiple of"),
     (["compare"], "required: --task"),
+    (["train", "--task", "synthetic", "--schedule", "multilevel"], "not adaptive"),
+    (["train", "--task", "synthetic", "--mode", "serial", "--schedule", "multilevel",
+      "--steps", "40"], "no fine steps"),
+    (["train", "--task", "synthetic", "--schedule", "multilevel", "--cycle", "w"], "invalid choice"),
     ([], "required"),
 ])
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
@@ -53,6 +57,19 @@ def test_train_writes_metrics_summary_and_checkpoint(tmp_path):
                  "--out", str(out), "--resume"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+
+
+def test_train_with_a_multilevel_schedule(tmp_path):
+    out = tmp_path / "ml"
+    assert main(["train", *TINY, "--layers", "8", "--steps", "7", "--mode", "parallel",
+                 "--schedule", "multilevel", "--cycle", "v", "--coarse-steps", "2",
+                 "--fine-steps", "1", "--optimizer-state", "reset", "--mgopt",
+                 "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stride"], r["offset"]) for r in records] == [(2, 0), (2, 0), (2, 1), (2, 1),
+                                                             (1, 0), (2, 0), (2, 0)]
+    config = json.loads((out / "summary.json").read_text())["config"]["multilevel"]
+    assert config["cycle"] == "v" and config["mgopt"] and config["optimizer_state"] == "reset"
 
 
 def _check_compare(out):

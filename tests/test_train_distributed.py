@@ -20,6 +20,7 @@ from xbraid_transformers.control import ControlConfig
 from xbraid_transformers.distributed import (clip_grad_norm_, gather_optimizer_state,
                                              load_optimizer_state, spawn)
 from xbraid_transformers.mgrit.comm import SERIAL
+from xbraid_transformers.multilevel import MultilevelConfig
 from xbraid_transformers.tasks import TaskConfig, build_task
 from xbraid_transformers.train import TrainConfig, Trainer, seed_everything
 
@@ -104,6 +105,29 @@ def test_resume_on_another_rank_count(tmp_path, serial_run, first, second):
                 serial_run)
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in records] == list(range(6))
+
+
+@pytest.mark.parametrize("mode, multilevel, strides", [
+    # MGRIT over both ranks in the coarse view; layer 3 (rank 0) interpolates towards layer 4
+    ("parallel", MultilevelConfig(cycle="nested", coarse_steps=3, levels=2, prolongation="linear",
+                                  mgopt=True), [2, 2, 2, 1, 1, 1]),
+    # one layer per rank at stride 4: the coarse view relays serially over the ranks
+    ("serial", MultilevelConfig(cycle="nested", coarse_steps=2, levels=3, prolongation="linear",
+                                mgopt=True), [4, 4, 2, 2, 1, 1]),
+    ("parallel", MultilevelConfig(cycle="v", coarse_steps=1, fine_steps=1, mgopt=True),
+     [2, 2, 1, 2, 2, 1]),
+])
+def test_multilevel_schedule_on_two_ranks_equals_one_process(mode, multilevel, strides):
+    """Coarse views keep each rank's share of the layers: the same arithmetic as one process
+    (a coarse view whose MGRIT hierarchy does not fit the ranks' blocks runs serially, which
+    differs from one process where it fits, so these cases fit or are serial throughout)."""
+    changes = dict(mode=mode, multilevel=multilevel)
+    got, want = _run(2, **changes), train(SERIAL, **changes)
+    assert [r["stride"] for r in want["records"]] == strides
+    assert [r["loss"] for r in got["records"]] == [r["loss"] for r in want["records"]]
+    assert list(got["model"]) == list(want["model"])
+    for key, value in want["model"].items():
+        assert torch.equal(got["model"][key], value), key
 
 
 def test_clip_grad_norm_equals_torch_in_one_process():

@@ -2,6 +2,7 @@
 
     xbt train --task gpt --layers 16 --mode adaptive --out runs/gpt
     xbt train --task gpt --out runs/gpt --resume            # continue from runs/gpt/checkpoint.pt
+    xbt train --task vit --mode parallel --schedule multilevel   # coarse-to-fine in depth
     xbt compare --task gpt --quick                          # serial vs layer-parallel vs adaptive
     xbt info                                                # versions, backends, data sources
 
@@ -22,6 +23,7 @@ import time
 from typing import List, Optional
 
 from .control import ACTIONS, ControlConfig
+from .multilevel import CYCLES, MultilevelConfig
 from .tasks import TASKS, TaskConfig, TaskUnavailable
 from .train import MODES, TrainConfig
 
@@ -31,7 +33,9 @@ BASE = dict(layers=8, d_model=32, heads=4, seq_len=32, batch_size=16, vocab=8, d
             fwd_iters=2, bwd_iters=1, steps=100, lr=1e-3, warmup=0, min_lr_ratio=0.1,
             weight_decay=0.0, grad_accum=1, clip=1.0, eval_every=0, eval_batches=2, log_every=1,
             print_every=10, checkpoint_every=0, seed=0, probe_every=500, threshold=1.0,
-            action="serial", max_iters=16, floor=1e-5)
+            action="serial", max_iters=16, floor=1e-5, schedule="single", cycle="nested",
+            coarse_steps=25, fine_steps=25, ml_levels=3, prolongation="copy",
+            optimizer_state="keep", mgopt=False)
 
 
 def _positive_int(text: str) -> int:
@@ -125,11 +129,25 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xbt", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:7]))
+                                     epilog="\n".join(__doc__.splitlines()[2:8]))
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,info}")
     p = sub.add_parser("train", help="train one model")
     _add_run_options(p)
     p.add_argument("--mode", choices=MODES, default="adaptive")
+    g = p.add_argument_group("multilevel training in depth (serial or parallel mode)")
+    g.add_argument("--schedule", choices=("single", "multilevel"),
+                   help="multilevel: train coarse views (every 2nd, 4th, ... layer) as well")
+    g.add_argument("--cycle", choices=CYCLES, help="nested (coarse to fine, once) or v (repeated "
+                                                   "even, odd, fine phases); default nested")
+    g.add_argument("--coarse-steps", type=_positive_int, help="steps of each coarse phase (25)")
+    g.add_argument("--fine-steps", type=_positive_int, help="fine steps per V-cycle (25)")
+    g.add_argument("--ml-levels", type=_positive_int, help="nested: levels, N/2^(L-1) first (3)")
+    g.add_argument("--prolongation", choices=("copy", "linear"),
+                   help="nested: how skipped layers are filled (copy)")
+    g.add_argument("--optimizer-state", choices=("keep", "reset"),
+                   help="at a phase change (keep)")
+    g.add_argument("--mgopt", action="store_true", default=None,
+                   help="MG/OPT first-order correction of the coarse gradients")
     p.add_argument("--out", help="output directory (default runs/<task>-<mode>)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
@@ -167,8 +185,16 @@ def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=
                                                      if f.name in values})
     control = ControlConfig(**{f.name: values[f.name] for f in dataclasses.fields(ControlConfig)
                                if f.name in values})
+    multilevel = None
+    if values["schedule"] == "multilevel":
+        multilevel = MultilevelConfig(cycle=values["cycle"], coarse_steps=values["coarse_steps"],
+                                      fine_steps=values["fine_steps"], levels=values["ml_levels"],
+                                      prolongation=values["prolongation"],
+                                      optimizer_state=values["optimizer_state"],
+                                      mgopt=values["mgopt"])
     train_cfg = TrainConfig(mode=mode, out_dir=out, resume=resume, progress=progress,
                             tensorboard=tensorboard, monitor=monitor, control=control,
+                            multilevel=multilevel,
                             **{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)
                                if f.name in values})
     return task_cfg, train_cfg

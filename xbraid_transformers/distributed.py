@@ -197,6 +197,16 @@ def _allgather_objects(comm: Communicator, value) -> list:
             for part, n in zip(parts, sizes)]
 
 
+def gather_named(model: nn.Module, values: dict) -> Optional[dict]:
+    """Per-parameter values keyed by parameter name, from every rank of the layer-parallel
+    group, merged on rank 0 (None on the others; every rank must call it)."""
+    comm = _layer_comm(model)
+    if comm.size == 1:
+        return dict(values)
+    parts = _allgather_objects(comm, values)
+    return {k: v for part in parts for k, v in part.items()} if comm.rank == 0 else None
+
+
 def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[dict]:
     """``optimizer``'s state with parameters named as in ``model.named_parameters()``: on rank 0
     of the layer-parallel group, the state of every layer whichever rank owns it (None on the
@@ -205,21 +215,14 @@ def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
     names = {id(p): n for n, p in model.named_parameters()}
     state = optimizer.state_dict()
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    mine = {"state": {order[i]: v for i, v in state["state"].items()},
-            "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
-                             for g in state["param_groups"]]}
-    comm = _layer_comm(model)
-    if comm.size == 1:
-        return mine
-    parts = _allgather_objects(comm, mine)
-    if comm.rank != 0:
+    per_param = gather_named(model, {order[i]: v for i, v in state["state"].items()})
+    group_of = gather_named(model, {order[i]: k for k, g in enumerate(state["param_groups"])
+                                    for i in g["params"]})
+    if per_param is None:
         return None
-    whole = {"state": {}, "param_groups": [dict(g, params=[]) for g in mine["param_groups"]]}
-    for part in parts:
-        whole["state"].update(part["state"])
-        for group, theirs in zip(whole["param_groups"], part["param_groups"]):
-            group["params"] += [n for n in theirs["params"] if n not in group["params"]]
-    return whole
+    return {"state": per_param,
+            "param_groups": [{**g, "params": [n for n, j in group_of.items() if j == k]}
+                             for k, g in enumerate(state["param_groups"])]}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

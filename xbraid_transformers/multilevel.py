@@ -26,6 +26,7 @@ explicit (arXiv 2504.18590 leaves them open):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -53,31 +54,68 @@ def selected_layers(num_layers: int, stride: int, offset: int) -> List[int]:
     return list(range(offset, num_layers, stride))
 
 
+def _coarse_blocks(stack: LayerParallel, stride: int, offset: int):
+    """The ranks' blocks of coarse layers: rank r keeps the selected layers it owns."""
+    if stack.blocks is None:
+        return None
+    blocks = [(-(-(lo - offset) // stride), -(-(hi - offset) // stride)) for lo, hi in stack.blocks]
+    if any(lo == hi for lo, hi in blocks):
+        raise ValueError(f"a coarse view with stride {stride} leaves a rank without layers (fine "
+                         f"blocks {stack.blocks}); use fewer ranks or a smaller stride")
+    return blocks
+
+
 @contextlib.contextmanager
 def coarse_view(model: nn.Module, stride: int = 2, offset: int = 0):
     """Inside the block every LayerParallel stack of ``model`` runs the layers
     ``offset::stride`` with step ``stride * h`` (serially, unless the stack's MGRIT hierarchy
-    also fits the coarse layer count). The layer modules are shared, not copied."""
+    also fits the coarse layer count and the ranks' blocks). The layer modules are shared, not
+    copied; on several ranks each keeps the selected layers of its own block."""
     saved = []
     for stack in stacks(model):
         keep = selected_layers(len(stack.layers), stride, offset)
-        saved.append((stack, stack.layers, stack.step_size, stack.mgrit, stack.parallel))
+        blocks = _coarse_blocks(stack, stride, offset)
+        saved.append((stack, stack.layers, stack.step_size, stack.mgrit, stack.parallel,
+                      stack.blocks, getattr(stack, "_num_layers", None)))
         coarse = nn.ModuleList(stack.layers[i] for i in keep)
-        # Bypass the hierarchy check of LayerParallel.mgrit until the layers are swapped.
-        stack._mgrit = MGRITConfig(levels=1)
-        stack.layers = coarse
+        spacing = stack.mgrit.coarsest_spacing
+        fits = len(coarse) % spacing == 0 and all(lo % spacing == 0 and hi % spacing == 0
+                                                   for lo, hi in blocks or ())
+        # Assigned directly: the hierarchy check of LayerParallel.mgrit sees the fine layers.
+        stack._mgrit = stack.mgrit if fits else MGRITConfig(levels=1)
+        stack.layers, stack.blocks, stack._num_layers = coarse, blocks, len(coarse)
         stack.step_size = stack.step_size * stride
-        fits = len(coarse) % saved[-1][3].coarsest_spacing == 0
-        stack._mgrit = saved[-1][3] if fits else MGRITConfig(levels=1)
         stack.parallel = stack.parallel and fits
         stack.reset_warm_start()
     try:
         yield model
     finally:
-        for stack, layers, step_size, mgrit, parallel in saved:
+        for stack, layers, step_size, mgrit, parallel, blocks, num_layers in saved:
             stack.layers, stack.step_size, stack.parallel = layers, step_size, parallel
-            stack._mgrit = mgrit
+            stack._mgrit, stack.blocks, stack._num_layers = mgrit, blocks, num_layers
             stack.reset_warm_start()
+
+
+def _entries(layer: nn.Module) -> dict:
+    return layer.state_dict(keep_vars=True)
+
+
+def _first_layer_of_next_rank(stack: LayerParallel) -> Optional[dict]:
+    """Each rank sends its first layer to the previous rank (linear prolongation needs the
+    trained layer after a block's last group); returns the next rank's, None on the last."""
+    comm = stack.comm
+    lo, hi = stack.block
+    mine = _entries(stack.layers[lo])
+    if comm.rank > 0:
+        for value in mine.values():
+            comm.isend(value.detach().to(comm.device), comm.rank - 1)
+    theirs = None
+    if comm.rank < comm.size - 1:
+        like = _entries(stack.layers[hi - 1])      # the same structure as every layer
+        theirs = {k: comm.recv(v.detach().to(comm.device), comm.rank + 1).to(v.device)
+                  for k, v in like.items()}
+    comm.flush()
+    return theirs
 
 
 @torch.no_grad()
@@ -86,28 +124,30 @@ def prolongate(model: nn.Module, stride: int, method: str = "copy") -> None:
 
     ``"copy"``: layer i takes the parameters of layer ``stride * (i // stride)``.
     ``"linear"``: layer i interpolates linearly between the trained layers before and after it
-    (the last block, which has no trained layer after it, copies).
-    """
+    (the last block, which has no trained layer after it, copies). On several ranks, every
+    rank fills its own layers (each block starts with a trained layer)."""
     if method not in ("copy", "linear"):
         raise ValueError(f"method must be 'copy' or 'linear', got {method!r}")
     for stack in stacks(model):
         layers = stack.layers
         selected_layers(len(layers), stride, 0)
-        for i in range(len(layers)):
+        lo, hi = stack.block
+        if lo % stride or hi % stride:
+            raise ValueError(f"the blocks {stack.blocks} do not start at trained layers of stride {stride}")
+        after = (_first_layer_of_next_rank(stack) if method == "linear" and stack.comm.size > 1
+                 else None)
+        for i in range(lo, hi):
             j = i % stride
             if j == 0:
                 continue
-            left = layers[i - j]
-            right = layers[i - j + stride] if i - j + stride < len(layers) else None
-            weight = j / stride if (method == "linear" and right is not None) else 0.0
-            for (name, target), source_left in zip(layers[i].state_dict(keep_vars=True).items(),
-                                                    left.state_dict(keep_vars=True).values()):
-                if not torch.is_floating_point(target):
-                    target.copy_(source_left)
-                    continue
-                value = source_left.detach()
-                if weight:
-                    value = torch.lerp(value, right.state_dict(keep_vars=True)[name].detach(), weight)
+            left = _entries(layers[i - j])
+            right = None
+            if method == "linear":
+                right = _entries(layers[i - j + stride]) if i - j + stride < hi else after
+            for name, target in _entries(layers[i]).items():
+                value = left[name].detach()
+                if right is not None and torch.is_floating_point(target):
+                    value = torch.lerp(value, right[name].detach(), j / stride)
                 target.copy_(value)
 
 
@@ -162,8 +202,133 @@ class MultilevelSchedule:
     def total_steps(self) -> int:
         return sum(p.steps for p in self.phases)
 
+    @property
+    def max_stride(self) -> int:
+        return max(p.stride for p in self.phases)
+
+    def locate(self, step: int) -> Tuple[Phase, int]:
+        """The phase of optimisation step ``step`` and the step that phase starts at."""
+        first = 0
+        for phase in self.phases:
+            if step < first + phase.steps:
+                return phase, first
+            first += phase.steps
+        raise IndexError(f"step {step} is past the schedule's {self.total_steps} steps")
+
     def __iter__(self) -> Iterator[Phase]:
         return iter(self.phases)
+
+
+CYCLES = ("nested", "v")
+
+
+@dataclass
+class MultilevelConfig:
+    """A schedule over a run of ``steps`` optimisation steps (what ``xbt train --schedule
+    multilevel`` builds).
+
+    cycle ``"nested"``: ``coarse_steps`` on every 2^(levels-1)-th layer, the same on every
+    2^(levels-2)-th, ..., with ``prolongation`` ("copy" or "linear") after each coarse level;
+    the fine model takes the remaining steps. cycle ``"v"``: (even, odd, fine) phases of
+    ``coarse_steps``, ``coarse_steps`` and ``fine_steps`` repeated until ``steps`` (the last
+    phase is cut short). optimizer_state and mgopt: see :class:`MultilevelSchedule`.
+    """
+
+    cycle: str = "nested"
+    coarse_steps: int = 25
+    fine_steps: int = 25
+    levels: int = 3
+    prolongation: str = "copy"
+    optimizer_state: str = "keep"
+    mgopt: bool = False
+
+    def __post_init__(self):
+        if self.cycle not in CYCLES:
+            raise ValueError(f"cycle must be one of {', '.join(CYCLES)}; got {self.cycle!r}")
+        if self.prolongation not in ("copy", "linear"):
+            raise ValueError(f"prolongation must be 'copy' or 'linear', got {self.prolongation!r}")
+        for name in ("coarse_steps", "fine_steps", "levels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.cycle == "nested" and self.levels < 2:
+            raise ValueError("nested iteration needs levels >= 2")
+
+    def schedule(self, steps: int) -> MultilevelSchedule:
+        options = dict(optimizer_state=self.optimizer_state, mgopt=self.mgopt)
+        if self.cycle == "nested":
+            fine = steps - (self.levels - 1) * self.coarse_steps
+            if fine < 1:
+                raise ValueError(f"{steps} steps leave no fine steps after {self.levels - 1} coarse "
+                                 f"levels of {self.coarse_steps} steps")
+            return MultilevelSchedule.nested([self.coarse_steps] * (self.levels - 1) + [fine],
+                                             self.prolongation, **options)
+        one = (Phase(2, 0, self.coarse_steps), Phase(2, 1, self.coarse_steps),
+               Phase(1, 0, self.fine_steps))
+        phases, left = [], steps
+        while left > 0:
+            for phase in one:
+                if left > 0:
+                    phases.append(dataclasses.replace(phase, steps=min(phase.steps, left)))
+                    left -= phases[-1].steps
+        return MultilevelSchedule(tuple(phases), **options)
+
+
+class MultilevelStepper:
+    """Applies a schedule to a model and its optimizer one optimisation step at a time:
+
+        for step in range(schedule.total_steps):
+            with stepper.step(step, loss_on) as phase:    # inside: the phase's view
+                ... forward, backward ...
+                stepper.correct_gradients()
+                optimizer.step()
+
+    At a phase's first step it resets the optimizer state (``optimizer_state="reset"``) and
+    forms the MG/OPT correction (``mgopt``, coarse phases; ``loss_on(model, step)`` is the
+    loss of that step's batch); after a phase's last step it prolongates (nested iteration).
+    ``state_dict()`` holds the correction by parameter name (for checkpoints mid-phase)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: MultilevelSchedule):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        for stack in stacks(model):
+            selected_layers(len(stack.layers), schedule.max_stride, 0)
+        self.correction: dict = {}
+
+    @contextlib.contextmanager
+    def step(self, step: int, loss_on: Callable[[nn.Module, int], torch.Tensor]):
+        phase, first = self.schedule.locate(step)
+        if step == first:
+            if self.schedule.optimizer_state == "reset":
+                self.optimizer.state.clear()
+            self.correction = {}
+            if self.schedule.mgopt and not phase.is_fine:
+                fine = _gradients(self.model, loss_on, step)
+                with coarse_view(self.model, phase.stride, phase.offset):
+                    coarse = _gradients(self.model, loss_on, step)
+                self.correction = {p: coarse[p] - fine[p] for p in coarse if p in fine}
+        view = (contextlib.nullcontext(self.model) if phase.is_fine
+                else coarse_view(self.model, phase.stride, phase.offset))
+        with view:
+            yield phase
+        if step == first + phase.steps - 1 and phase.prolongate_after:
+            prolongate(self.model, phase.stride, phase.prolongate_after)
+
+    @torch.no_grad()
+    def correct_gradients(self) -> None:
+        """g_H - (g_H(start) - R g_h(start)) for the parameters of the current coarse phase."""
+        for p, c in self.correction.items():
+            if p.grad is not None:
+                p.grad.sub_(c)
+
+    def state_dict(self) -> dict:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {"correction": {names[id(p)]: c for p, c in self.correction.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = dict(self.model.named_parameters())
+        self.correction = {params[n]: c.to(params[n].device) for n, c in state["correction"].items()
+                           if n in params}
 
 
 def train_multilevel(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -172,33 +337,18 @@ def train_multilevel(model: nn.Module, optimizer: torch.optim.Optimizer,
                      on_step: Optional[Callable[[int, Phase, float], None]] = None) -> List[float]:
     """Run the schedule. ``loss_on(model, step)`` returns the loss of batch ``step`` for the model
     as it is (fine or inside a coarse view). Returns the losses of every step."""
+    stepper = MultilevelStepper(model, optimizer, schedule)
     losses: List[float] = []
-    step = 0
-    for phase in schedule:
-        if schedule.optimizer_state == "reset":
-            optimizer.state.clear()
-        fine_grads = _gradients(model, loss_on, step) if schedule.mgopt and not phase.is_fine else None
-        view = contextlib.nullcontext(model) if phase.is_fine else coarse_view(model, phase.stride, phase.offset)
-        with view:
-            correction = None
-            if fine_grads is not None:
-                coarse_grads = _gradients(model, loss_on, step)
-                correction = {p: coarse_grads[p] - fine_grads[p] for p in coarse_grads if p in fine_grads}
-            for _ in range(phase.steps):
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_on(model, step)
-                loss.backward()
-                if correction:
-                    for p, c in correction.items():
-                        if p.grad is not None:
-                            p.grad.sub_(c)
-                optimizer.step()
-                losses.append(loss.item())
-                if on_step is not None:
-                    on_step(step, phase, losses[-1])
-                step += 1
-        if phase.prolongate_after:
-            prolongate(model, phase.stride, phase.prolongate_after)
+    for step in range(schedule.total_steps):
+        with stepper.step(step, loss_on) as phase:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_on(model, step)
+            loss.backward()
+            stepper.correct_gradients()
+            optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, phase, losses[-1])
     return losses
 
 

@@ -15,6 +15,7 @@ Outputs under ``out_dir`` (rank 0 only): ``metrics.jsonl`` (one record per logge
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,11 +32,12 @@ import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .control import AdaptiveController, ControlConfig
-from .distributed import (clip_grad_norm_, gather_optimizer_state, gather_state_dict,
-                          load_optimizer_state)
+from .distributed import (clip_grad_norm_, gather_named, gather_optimizer_state,
+                          gather_state_dict, load_optimizer_state)
 from .layer_parallel import LayerParallel
 from .mgrit.comm import SERIAL, Communicator
 from .mgrit.solver import MGRITDivergenceError
+from .multilevel import MultilevelConfig, MultilevelStepper
 from .perf import VirtualClock, attach_clock
 from .tasks import Task
 
@@ -60,6 +62,8 @@ class TrainConfig:
     virtual_time: record each step's virtual time (``perf.attach_clock``): the rank's CPU time
     plus message waits under an NVLink model, the step time with a core or device per rank;
     CPU models only.
+    multilevel: train coarse views of the model on the schedule it describes (serial or
+    parallel mode; evaluation always uses the fine model).
     """
 
     mode: str = "parallel"
@@ -83,6 +87,7 @@ class TrainConfig:
     monitor: bool = False
     virtual_time: bool = True
     control: ControlConfig = field(default_factory=ControlConfig)
+    multilevel: Optional[MultilevelConfig] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -102,6 +107,10 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         if self.resume is not None and self.resume == "auto" and self.out_dir is None:
             raise ValueError("resume='auto' needs out_dir")
+        if self.multilevel is not None:
+            if self.mode == "adaptive":
+                raise ValueError("a multilevel schedule runs in serial or parallel mode, not adaptive")
+            self.multilevel.schedule(self.steps)      # enough steps for the schedule
 
 
 def seed_everything(seed: int) -> None:
@@ -154,6 +163,10 @@ class Trainer:
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.min_lr_ratio))
+        self.multilevel: Optional[MultilevelStepper] = None
+        if config.multilevel is not None:
+            self.multilevel = MultilevelStepper(self.model, self.optimizer,
+                                                config.multilevel.schedule(config.steps))
         self.step = 0
         self.history: List[dict] = []
         self.evals: List[dict] = []
@@ -197,6 +210,8 @@ class Trainer:
                 "controller": self.controller.state_dict() if self.controller else None,
                 "dropout": [m.dropout.state_dict() for m in self.modules],
                 "modes": [m.parallel for m in self.modules],
+                "multilevel": (gather_named(self.model, self.multilevel.state_dict()["correction"])
+                               if self.multilevel else None),
                 "rng": rng_state(), "data": {"next_step": self.step},
                 "train_seconds": self.train_seconds, "virtual_seconds": self.virtual_seconds,
                 "mode": self.config.mode, "task": self.task.config.name}
@@ -220,6 +235,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.multilevel is not None and state.get("multilevel") is not None:
+            self.multilevel.load_state_dict({"correction": state["multilevel"]})
         if self.controller is not None and state.get("controller"):
             self.controller.load_state_dict(state["controller"])
         for module, drop in zip(self.modules, state["dropout"]):
@@ -241,14 +258,17 @@ class Trainer:
             virtual_start = self.clock.time
         probe = self.controller.before_step() if self.controller else False
         total = 0.0
-        for micro in range(cfg.grad_accum):
-            loss = task.loss(task.batch("train", self.step, micro)) / cfg.grad_accum
-            loss.backward()
-            total += loss.item()
-        grad_norm = clip_grad_norm_(self.model, cfg.clip).item() if cfg.clip > 0 else None
-        stats = self.modules[0].stats if self.modules else None
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        with self._phase() as phase:
+            for micro in range(cfg.grad_accum):
+                loss = task.loss(task.batch("train", self.step, micro)) / cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+            if self.multilevel is not None:
+                self.multilevel.correct_gradients()
+            grad_norm = clip_grad_norm_(self.model, cfg.clip).item() if cfg.clip > 0 else None
+            stats = self.modules[0].stats if self.modules else None
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
         decision = self.controller.after_step() if self.controller else None
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -267,6 +287,8 @@ class Trainer:
                   "fwd_residuals": list(stats.fwd_residuals) if stats else [],
                   "bwd_residuals": list(stats.bwd_residuals) if stats else [],
                   "rho_forward": None, "rho_backward": None}
+        if phase is not None:
+            record.update(stride=phase.stride, offset=phase.offset)
         if stats and stats.mode == "layer_parallel":
             record["mode"] = "parallel"
         if decision is not None:
@@ -277,6 +299,13 @@ class Trainer:
             raise FloatingPointError(f"loss became {total} at step {self.step}")
         self.step += 1
         return record
+
+    def _phase(self):
+        """The multilevel schedule's view for this step (the phase), or no view (None)."""
+        if self.multilevel is None:
+            return contextlib.nullcontext()
+        task = self.task
+        return self.multilevel.step(self.step, lambda model, step: task.loss(task.batch("train", step)))
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> float:
@@ -379,9 +408,10 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", mode=record["mode"], refresh=False)
         elif record["step"] % self.config.print_every == 0 or record["step"] == stop - 1:
-            logger.info("%s step %d/%d loss %.4f lr %.2e mode %s iters %d/%d%s", self.config.mode,
+            view = f" layers {record['offset']}::{record['stride']}" if record.get("stride", 1) > 1 else ""
+            logger.info("%s step %d/%d loss %.4f lr %.2e mode %s iters %d/%d%s%s", self.config.mode,
                         record["step"] + 1, stop, record["loss"], record["lr"], record["mode"],
-                        record["fwd_iters"], record["bwd_iters"],
+                        record["fwd_iters"], record["bwd_iters"], view,
                         f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else "")
 
 
