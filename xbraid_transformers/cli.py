@@ -305,6 +305,8 @@ def cmd_compare(args, parser) -> int:
              "all three runs start from the same initialisation and see the same batches; the "
              "layer-parallel run is probed on the same schedule for the rho plot (monitor only)",
              "eval loss: the exact (serial) network on fixed validation batches",
+             "virtual s/step: each rank's CPU time plus message waits under an NVLink model, the "
+             "latest over the ranks (with one process, the CPU time of the step)",
              f"{nprocs} process(es); total run time {time.perf_counter() - start:.0f} s"]
     path = write_report(out, runs, values["threshold"], f"xbt compare --task {args.task}"
                         + (" --quick" if args.quick else ""), notes)

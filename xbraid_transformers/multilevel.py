@@ -202,10 +202,6 @@ class MultilevelSchedule:
     def total_steps(self) -> int:
         return sum(p.steps for p in self.phases)
 
-    @property
-    def max_stride(self) -> int:
-        return max(p.stride for p in self.phases)
-
     def locate(self, step: int) -> Tuple[Phase, int]:
         """The phase of optimisation step ``step`` and the step that phase starts at."""
         first = 0
@@ -291,8 +287,10 @@ class MultilevelStepper:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: MultilevelSchedule):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
-        for stack in stacks(model):
-            selected_layers(len(stack.layers), schedule.max_stride, 0)
+        for stack in stacks(model):           # every view exists, on every rank
+            for phase in set(schedule.phases):
+                selected_layers(len(stack.layers), phase.stride, phase.offset)
+                _coarse_blocks(stack, phase.stride, phase.offset)
         self.correction: dict = {}
 
     @contextlib.contextmanager
