@@ -157,13 +157,17 @@ def to_target(curve, target):
 
 def schedules(steps, phase):
     cycles = max(1, round(2 * steps / (3 * phase)))
+    short = max(1, phase // 5)
     nested = [phase * max(1, round(2 * steps / phase / 3))] * 3
     return {
         "single-level": MultilevelSchedule(tuple(Phase(1, 0, phase) for _ in range(steps // phase))),
         "v-cycle": MultilevelSchedule.v_cycle(phase, phase, cycles),
         "v-cycle+mgopt": MultilevelSchedule.v_cycle(phase, phase, cycles, mgopt=True),
+        f"v-cycle+mgopt, {short}-step coarse phases": MultilevelSchedule.v_cycle(
+            short, phase, max(1, round(2 * steps / (2 * short + phase))), mgopt=True),
         "v-cycle, reset state": MultilevelSchedule.v_cycle(phase, phase, cycles, optimizer_state="reset"),
         "nested N/4->N/2->N": MultilevelSchedule.nested(nested, method="copy"),
+        "nested N/4->N/2->N, linear": MultilevelSchedule.nested(nested, method="linear"),
     }
 
 

@@ -133,23 +133,26 @@ class _Solver:
     def restrict(self, l: int, fas: bool) -> float:
         """Inject C-points into level l+1 and, with ``fas``, form its FAS right-hand side.
 
-        Returns the local sum of squared residual norms at the C-points (0 without ``fas``).
+        Returns the local sum of squared residual norms at the C-points of the finest level
+        (0 without ``fas`` and on coarser levels, whose norms are never reported: one host
+        synchronisation per iteration, not one per C-point).
         """
         fine, coarse = self.levels[l], self.levels[l + 1]
         lo = fine.lo
         coarse.u = [fine.u[c - lo] for c in fine.c_points(include_lo=True)]
         coarse.restricted = list(coarse.u)
         coarse.g = [None] * len(coarse.u)
-        sq = 0.0
+        sq = []
         if not fas:
-            return sq
+            return 0.0
         for c in fine.c_points(include_lo=False):
             j = c // fine.m - coarse.lo
             propagated = self._phi(fine, c - 1, fine.u[c - 1 - lo])
-            sq += float(torch.linalg.vector_norm(propagated - fine.u[c - lo]).square())
+            if l == 0:
+                sq.append(torch.linalg.vector_norm(propagated - fine.u[c - lo]).square())
             coarse_start = (j - 1 + coarse.lo) * coarse.spacing
             coarse.g[j] = propagated - self.step(coarse.restricted[j - 1], coarse_start, coarse.dt)
-        return sq
+        return float(torch.stack(sq).double().sum()) if sq else 0.0
 
     def correct(self, l: int):
         fine, coarse = self.levels[l], self.levels[l + 1]
