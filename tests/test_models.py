@@ -1,6 +1,8 @@
 """The four model families on tiny synthetic tasks, trained with the same code in serial and in
 layer-parallel mode (single process)."""
 import copy
+import dataclasses
+import re
 
 import pytest
 import torch
@@ -178,3 +180,45 @@ def test_mask_tokens_and_greedy_decode():
     model, _ = seq2seq_family(parallel())
     out = model.eval().greedy_decode(counting(3, g), max_len=5)
     assert out.shape[0] == 3 and out.shape[1] <= 5 and (out[:, 0] == 1).all()
+
+
+def _half_depth(model):
+    """The same family built with every other layer, run serially: an independent oracle for
+    coarse views."""
+    if isinstance(model, BertClassifier):
+        return BertClassifier(_half_depth(model.bert), 2, dropout=0.0)
+    serial = dataclasses.replace(model.config.parallel, mgrit=xbt.MGRITConfig(levels=1))
+    c = dataclasses.replace(model.config, parallel=serial)
+    if isinstance(model, Seq2Seq):
+        return Seq2Seq(dataclasses.replace(c, num_encoder_layers=c.num_encoder_layers // 2,
+                                           num_decoder_layers=c.num_decoder_layers // 2))
+    return type(model)(dataclasses.replace(c, num_layers=c.num_layers // 2))
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_coarse_view_of_every_family_is_the_half_depth_model(name, offset):
+    """multilevel.coarse_view works on every family: layers offset::2 with step 2h give the
+    network built with half the layers (step 2h) and those layers' weights, in serial mode and
+    with converged MGRIT."""
+    from xbraid_transformers.multilevel import coarse_view
+    model, loss_fn = FAMILIES[name](parallel(fwd_iters=8, bwd_iters=8))
+    half = _half_depth(model)
+    state = {}
+    for key, value in model.state_dict().items():
+        match = re.match(r"(.*\.layers\.)(\d+)(\..*)", key)
+        if match is None:
+            state[key] = value
+        elif int(match[2]) % 2 == offset:
+            state[f"{match[1]}{int(match[2]) // 2}{match[3]}"] = value
+    half.load_state_dict(state)
+    model.eval(), half.eval()
+    with torch.no_grad():
+        expected = loss_fn(half, torch.Generator().manual_seed(3))
+        for parallel_mode in (False, True):
+            for stack in model.modules():
+                if isinstance(stack, xbt.LayerParallel):
+                    stack.parallel = parallel_mode
+            with coarse_view(model, 2, offset):
+                got = loss_fn(model, torch.Generator().manual_seed(3))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
