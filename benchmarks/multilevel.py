@@ -168,6 +168,8 @@ def schedules(steps, phase):
         "v-cycle, reset state": MultilevelSchedule.v_cycle(phase, phase, cycles, optimizer_state="reset"),
         "nested N/4->N/2->N": MultilevelSchedule.nested(nested, method="copy"),
         "nested N/4->N/2->N, linear": MultilevelSchedule.nested(nested, method="linear"),
+        "nested N/4->N/2->N, transfer state": MultilevelSchedule.nested(
+            nested, method="copy", optimizer_state="transfer"),
     }
 
 

@@ -164,3 +164,28 @@ def test_schedules_and_bad_input():
     train_multilevel(model, opt, lambda m, s: m(x).sum(),
                      MultilevelSchedule((Phase(2, 0, 1),), optimizer_state="reset"))
     assert all(p not in opt.state for p in model.stack.layers[1].parameters())
+
+
+@pytest.mark.parametrize("policy", ["keep", "transfer"])
+def test_transfer_gives_filled_layers_the_optimizer_state_of_their_source(policy):
+    model = Net(8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    seen = {}
+
+    def after(step, phase, loss):
+        if step == 1:         # the coarse phase's last step: after its prolongation
+            seen.update({id(p): {k: v.clone() for k, v in opt.state[p].items()}
+                         for p in model.parameters() if p in opt.state})
+
+    schedule = MultilevelSchedule.nested([2, 1], method="copy", optimizer_state=policy)
+    train_multilevel(model, opt, lambda m, s: nn.functional.mse_loss(m(x), y), schedule, after)
+    layers = model.stack.layers
+    for i in range(1, 8, 2):
+        for filled, source in zip(layers[i].parameters(), layers[i - 1].parameters()):
+            if policy == "keep":
+                assert id(filled) not in seen            # never trained: no state yet
+            else:
+                assert seen[id(filled)].keys() == seen[id(source)].keys()
+                for key, value in seen[id(source)].items():
+                    assert torch.equal(seen[id(filled)][key], value), key

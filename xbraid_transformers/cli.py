@@ -23,7 +23,7 @@ import time
 from typing import List, Optional
 
 from .control import ACTIONS, ControlConfig
-from .multilevel import CYCLES, MultilevelConfig
+from .multilevel import CYCLES, OPTIMIZER_STATES, MultilevelConfig
 from .tasks import TASKS, TaskConfig, TaskUnavailable
 from .train import MODES, TrainConfig
 
@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ml-levels", type=_positive_int, help="nested: levels, N/2^(L-1) first (3)")
     g.add_argument("--prolongation", choices=("copy", "linear"),
                    help="nested: how skipped layers are filled (copy)")
-    g.add_argument("--optimizer-state", choices=("keep", "reset"),
-                   help="at a phase change (keep)")
+    g.add_argument("--optimizer-state", choices=OPTIMIZER_STATES,
+                   help="at a phase change (keep; transfer: filled layers copy their source's)")
     g.add_argument("--mgopt", action="store_true", default=None,
                    help="MG/OPT first-order correction of the coarse gradients")
     p.add_argument("--out", help="output directory (default runs/<task>-<mode>)")

@@ -15,8 +15,9 @@ A ``MultilevelSchedule`` says which view every optimisation step uses. Choices i
 explicit (arXiv 2504.18590 leaves them open):
 - cycle lengths: ``coarse_steps`` per coarse view, ``fine_steps`` per fine phase;
 - optimizer state at a phase change: ``"keep"`` (one optimizer throughout: momentum of the
-  shared layers carries over), or ``"reset"`` (the state of every parameter is dropped when the
-  phase changes);
+  shared layers carries over), ``"reset"`` (the state of every parameter is dropped when the
+  phase changes) or ``"transfer"`` (as keep, and a prolongation also gives each filled layer
+  the optimizer state of the trained layer before it, whose weights it starts from);
 - ``mgopt``: the MG/OPT first-order correction. At the start of a coarse phase the fine gradient
   g_h and the coarse gradient g_H are taken at the same point on one batch; during the phase the
   coarse gradient is replaced by g_H - (g_H(start) - R g_h(start)), so that the first coarse
@@ -37,6 +38,7 @@ from .config import MGRITConfig
 from .layer_parallel import LayerParallel
 
 FINE = (1, 0)
+OPTIMIZER_STATES = ("keep", "reset", "transfer")
 
 
 def stacks(model: nn.Module) -> List[LayerParallel]:
@@ -151,6 +153,24 @@ def prolongate(model: nn.Module, stride: int, method: str = "copy") -> None:
                 target.copy_(value)
 
 
+def _filled_layers(stack: LayerParallel, stride: int):
+    """(filled layer, trained layer before it) for this rank's layers a prolongation fills."""
+    lo, hi = stack.block
+    return [(stack.layers[i], stack.layers[i - i % stride]) for i in range(lo, hi) if i % stride]
+
+
+@torch.no_grad()
+def transfer_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, stride: int) -> None:
+    """After ``prolongate(model, stride)``: each filled layer's parameters take a copy of the
+    optimizer state (momentum, second moments, step count) of the trained layer before it."""
+    for stack in stacks(model):
+        for filled, source in _filled_layers(stack, stride):
+            for target, origin in zip(filled.parameters(), source.parameters()):
+                if origin in optimizer.state:
+                    optimizer.state[target] = {k: v.clone() if torch.is_tensor(v) else v
+                                               for k, v in optimizer.state[origin].items()}
+
+
 @dataclass(frozen=True)
 class Phase:
     """``steps`` optimisation steps on the view (stride, offset); (1, 0) is the fine model."""
@@ -178,8 +198,9 @@ class MultilevelSchedule:
     mgopt: bool = False
 
     def __post_init__(self):
-        if self.optimizer_state not in ("keep", "reset"):
-            raise ValueError(f"optimizer_state must be 'keep' or 'reset', got {self.optimizer_state!r}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}; got "
+                             f"{self.optimizer_state!r}")
         if not self.phases or any(p.steps < 1 for p in self.phases):
             raise ValueError("a schedule needs phases of at least one step each")
 
@@ -311,6 +332,8 @@ class MultilevelStepper:
             yield phase
         if step == first + phase.steps - 1 and phase.prolongate_after:
             prolongate(self.model, phase.stride, phase.prolongate_after)
+            if self.schedule.optimizer_state == "transfer":
+                transfer_optimizer_state(self.model, self.optimizer, phase.stride)
 
     @torch.no_grad()
     def correct_gradients(self) -> None:
