@@ -28,6 +28,8 @@ def train_every_family(comm):
         torch.manual_seed(0)
         model = build(parallel(), comm)
         xbt.broadcast_replicated_(model)
+        initial = xbt.gather_state_dict(model)         # references, like state_dict()
+        initial = initial and {k: v.clone() for k, v in initial.items()}
         loss_fn = SINGLE_PROCESS[name](parallel())[1]
         losses = train(model, loss_fn, steps=8, lr=3e-3 if name == "classifier" else 1e-2)
         model.configure(fwd_iters=30, bwd_iters=30, tol=1e-6)
@@ -36,7 +38,8 @@ def train_every_family(comm):
             model.serial()
             serial = loss_fn(model, torch.Generator().manual_seed(3)).item()
         owned = sum(p.numel() for stack in model.stacks() for p in stack.parameters())
-        out[name] = dict(losses=losses, converged=converged, serial=serial, owned=owned)
+        out[name] = dict(losses=losses, converged=converged, serial=serial, owned=owned,
+                         initial=initial)
     return out
 
 
@@ -53,6 +56,11 @@ def test_family_trains_on_two_processes(two_ranks, family):
     assert sum(losses[-2:]) / 2 < losses[0], losses
     assert second["losses"] == losses                       # the output is shared by the ranks
     assert first["converged"] == pytest.approx(first["serial"], rel=1e-5)
+    torch.manual_seed(0)
     whole = BUILD[family](parallel(), None)
+    # the same initialisation as one process: no weight depends on the layout
+    assert sorted(first["initial"]) == sorted(whole.state_dict())
+    for key, value in whole.state_dict().items():
+        assert torch.equal(first["initial"][key], value), key
     total = sum(p.numel() for stack in whole.stacks() for p in stack.parameters())
     assert 0 < first["owned"] < total and 0 < second["owned"] < total   # the layers are split

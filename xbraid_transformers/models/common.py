@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -66,15 +67,27 @@ def scale_residual_branches_(layers, gain: float) -> None:
         layer.linear2.weight.mul_(gain)
 
 
+@torch.no_grad()
 def init_weights_(module: nn.Module, std: float = 0.02) -> None:
-    """GPT-2 style init: normal(0, std) for linear and embedding weights, zero biases."""
-    for m in module.modules():
+    """GPT-2 style init: normal(0, std) for linear and embedding weights, zero biases.
+
+    Every weight draws from its own generator, seeded by one draw of the global generator and
+    the weight's name: a layer gets the same values whichever rank owns it and however many
+    layers the other ranks hold (their placeholders draw nothing)."""
+    base = int(torch.randint(0, 2 ** 62, (1,)))
+
+    def normal_(name: str, weight: torch.Tensor) -> None:
+        generator = torch.Generator(device=weight.device)
+        generator.manual_seed((base + 1_000_003 * zlib.crc32(name.encode())) % 2 ** 63)
+        weight.normal_(0.0, std, generator=generator)
+
+    for name, m in module.named_modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, std)
+            normal_(f"{name}.weight", m.weight)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
-            nn.init.normal_(m.in_proj_weight, 0.0, std)
+            normal_(f"{name}.in_proj_weight", m.in_proj_weight)
             nn.init.zeros_(m.in_proj_bias)
 
 
