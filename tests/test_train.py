@@ -158,6 +158,9 @@ def test_multilevel_resume_mid_phase_with_mgopt_is_bit_identical(tmp_path):
     resumed, _ = _run(_synthetic(), out_dir=str(tmp_path / "cut"), resume="auto", **options)
     assert [r["loss"] for r in first.history + resumed.history] == [r["loss"] for r in full.history]
     assert [r["stride"] for r in full.history] == [2, 2, 2, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="multilevel schedule"):    # another schedule: refused
+        _run(_synthetic(), out_dir=str(tmp_path / "cut"), resume="auto",
+             **{**options, "multilevel": dataclasses.replace(ml, coarse_steps=2)})
     # without the correction the run differs: the correction is really applied and saved
     plain, _ = _run(_synthetic(), **{**options, "multilevel": dataclasses.replace(ml, mgopt=False)})
     assert [r["loss"] for r in plain.history][1:3] != [r["loss"] for r in full.history][1:3]

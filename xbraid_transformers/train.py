@@ -214,7 +214,12 @@ class Trainer:
                                if self.multilevel else None),
                 "rng": rng_state(), "data": {"next_step": self.step},
                 "train_seconds": self.train_seconds, "virtual_seconds": self.virtual_seconds,
-                "mode": self.config.mode, "task": self.task.config.name}
+                "mode": self.config.mode, "task": self.task.config.name,
+                "schedule": self._schedule_key()}
+
+    def _schedule_key(self) -> Optional[dict]:
+        ml = self.config.multilevel
+        return None if ml is None else dataclasses.asdict(ml)
 
     def save(self, path: Optional[str] = None) -> Optional[str]:
         path = path or self._path("checkpoint.pt")
@@ -232,6 +237,9 @@ class Trainer:
         if state.get("mode") not in (None, self.config.mode):
             raise ValueError(f"checkpoint {path!r} is of a {state['mode']!r} run, this run is "
                              f"{self.config.mode!r}")
+        if state.get("schedule") != self._schedule_key():
+            raise ValueError(f"checkpoint {path!r} was trained with the multilevel schedule "
+                             f"{state.get('schedule')}, this run has {self._schedule_key()}")
         self.model.load_state_dict(state["model"])
         load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
