@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -146,10 +146,10 @@ class _ODEStack(nn.Module):
         return x
 
 
-class LayerParallelTransformerEncoder(_ODEStack):
-    """Layer-parallel counterpart of ``torch.nn.TransformerEncoder``.
+class _TorchLayerStack(_ODEStack):
+    """``num_layers`` clones of one pre-LN torch layer and an optional final norm: what the
+    encoder and decoder drop-ins share. ``layer_rhs`` is F of one layer.
 
-    encoder_layer: a pre-LN ``nn.TransformerEncoderLayer`` (cloned ``num_layers`` times).
     norm: optional final norm. mgrit: solver options. step_size: h of the ODE layers (default
     1 / number of ODE layers). buffer_layers: (k_front, k_back) serial layers with step 1.
     dropout_seed: seed of the synchronised dropout masks. autocast: e.g. ``torch.bfloat16`` to
@@ -157,27 +157,42 @@ class LayerParallelTransformerEncoder(_ODEStack):
     comm: the layer-parallel process group (see ``LayerParallel``; None: this process alone).
     """
 
-    def __init__(self, encoder_layer: nn.TransformerEncoderLayer, num_layers: int,
-                 norm: Optional[nn.Module] = None, *, mgrit: Optional[MGRITConfig] = None,
-                 step_size: Optional[float] = None, dropout_seed: Optional[int] = None,
-                 buffer_layers=(0, 0), autocast: Optional[torch.dtype] = None,
-                 compile: bool = False, comm=None):
-        super().__init__(_clones(encoder_layer, num_layers, "num_layers"), encoder_rhs,
+    layer_rhs: Callable
+
+    def __init__(self, layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None, *,
+                 mgrit: Optional[MGRITConfig] = None, step_size: Optional[float] = None,
+                 dropout_seed: Optional[int] = None, buffer_layers=(0, 0),
+                 autocast: Optional[torch.dtype] = None, compile: bool = False, comm=None):
+        super().__init__(_clones(layer, num_layers, "num_layers"), type(self).layer_rhs,
                          step_size=step_size, mgrit=mgrit, dropout_seed=dropout_seed,
                          buffer_layers=buffer_layers, autocast=autocast, compile=compile,
                          comm=comm)
-        self.batch_first = encoder_layer.self_attn.batch_first
-        self.d_model = encoder_layer.self_attn.embed_dim
+        self.batch_first = layer.self_attn.batch_first
+        self.d_model = layer.self_attn.embed_dim
         self.norm = norm
 
     @classmethod
-    def from_torch(cls, encoder: nn.TransformerEncoder, **options):
-        """The same network with the weights of a torch ``TransformerEncoder``."""
-        norm = copy.deepcopy(encoder.norm) if encoder.norm is not None else None
-        ours = cls(encoder.layers[0], len(encoder.layers), norm, **options)
-        for mine, theirs in zip(ours.layers, encoder.layers):
+    def from_torch(cls, torch_stack: nn.Module, **options):
+        """The same network with the weights of a torch ``TransformerEncoder`` (encoder) or
+        ``TransformerDecoder`` (decoder)."""
+        norm = copy.deepcopy(torch_stack.norm) if torch_stack.norm is not None else None
+        ours = cls(torch_stack.layers[0], len(torch_stack.layers), norm, **options)
+        for mine, theirs in zip(ours.layers, torch_stack.layers):
             mine.load_state_dict(theirs.state_dict())
         return ours
+
+
+class LayerParallelTransformerEncoder(_TorchLayerStack):
+    """Layer-parallel counterpart of ``torch.nn.TransformerEncoder``, built from a pre-LN
+    ``nn.TransformerEncoderLayer`` (cloned ``num_layers`` times); the options are those of
+    ``_TorchLayerStack`` (norm, mgrit, step_size, buffer_layers, dropout_seed, autocast,
+    compile, comm)."""
+
+    layer_rhs = staticmethod(encoder_rhs)
+
+    def __init__(self, encoder_layer: nn.TransformerEncoderLayer, num_layers: int,
+                 norm: Optional[nn.Module] = None, **options):
+        super().__init__(encoder_layer, num_layers, norm, **options)
 
     def forward(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 src_key_padding_mask: Optional[torch.Tensor] = None,
@@ -191,7 +206,7 @@ class LayerParallelTransformerEncoder(_ODEStack):
         return src, dict(mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
 
 
-class LayerParallelTransformerDecoder(_ODEStack):
+class LayerParallelTransformerDecoder(_TorchLayerStack):
     """Layer-parallel counterpart of ``torch.nn.TransformerDecoder``.
 
     Same options as ``LayerParallelTransformerEncoder``, built from a pre-LN
@@ -199,27 +214,11 @@ class LayerParallelTransformerDecoder(_ODEStack):
     every level and in the adjoint; ``memory`` receives its gradient.
     """
 
-    def __init__(self, decoder_layer: nn.TransformerDecoderLayer, num_layers: int,
-                 norm: Optional[nn.Module] = None, *, mgrit: Optional[MGRITConfig] = None,
-                 step_size: Optional[float] = None, dropout_seed: Optional[int] = None,
-                 buffer_layers=(0, 0), autocast: Optional[torch.dtype] = None,
-                 compile: bool = False, comm=None):
-        super().__init__(_clones(decoder_layer, num_layers, "num_layers"), decoder_rhs,
-                         step_size=step_size, mgrit=mgrit, dropout_seed=dropout_seed,
-                         buffer_layers=buffer_layers, autocast=autocast, compile=compile,
-                         comm=comm)
-        self.batch_first = decoder_layer.self_attn.batch_first
-        self.d_model = decoder_layer.self_attn.embed_dim
-        self.norm = norm
+    layer_rhs = staticmethod(decoder_rhs)
 
-    @classmethod
-    def from_torch(cls, decoder: nn.TransformerDecoder, **options):
-        """The same network with the weights of a torch ``TransformerDecoder``."""
-        norm = copy.deepcopy(decoder.norm) if decoder.norm is not None else None
-        ours = cls(decoder.layers[0], len(decoder.layers), norm, **options)
-        for mine, theirs in zip(ours.layers, decoder.layers):
-            mine.load_state_dict(theirs.state_dict())
-        return ours
+    def __init__(self, decoder_layer: nn.TransformerDecoderLayer, num_layers: int,
+                 norm: Optional[nn.Module] = None, **options):
+        super().__init__(decoder_layer, num_layers, norm, **options)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor,
                 tgt_mask: Optional[torch.Tensor] = None,
