@@ -230,11 +230,13 @@ class Runner:
     def __init__(self, nprocs: int, threads: int, parser):
         from .distributed import detect_launcher, init_distributed
         self.nprocs, self.threads, self.comm = nprocs, threads, None
-        if detect_launcher() != "single":
+        launcher = detect_launcher()
+        if launcher != "single":
             if nprocs > 1:
                 parser.error("--nprocs spawns processes itself; under torchrun, mpiexec or srun "
                              "leave it out (the launcher's processes are the ranks)")
-            self.comm = init_distributed()
+            # the tasks train on the CPU: gloo under torchrun (not NCCL), mpi4py under mpiexec
+            self.comm = init_distributed("gloo" if launcher == "torchrun" else None)
             if self.comm.rank != 0:    # one voice: the other ranks only log warnings
                 logging.getLogger().setLevel(logging.WARNING)
 
