@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import xbraid_transformers as xbt
-from xbraid_transformers.multilevel import (MultilevelSchedule, Phase, coarse_view, prolongate,
-                                            train_multilevel)
+from xbraid_transformers.multilevel import (MultilevelSchedule, MultilevelStepper, Phase,
+                                            coarse_view, prolongate, train_multilevel)
 
 from problems import TanhLayer
 
@@ -189,3 +189,40 @@ def test_transfer_gives_filled_layers_the_optimizer_state_of_their_source(policy
                 assert seen[id(filled)].keys() == seen[id(source)].keys()
                 for key, value in seen[id(source)].items():
                     assert torch.equal(seen[id(filled)][key], value), key
+
+
+@pytest.mark.parametrize("lr", [1e-3, 30.0])
+def test_mgopt_line_search_never_raises_the_fine_loss(lr):
+    """A small step is accepted whole; a huge one is shortened or undone: either way the fine
+    loss of the phase's first batch ends below its value at the start (or the start is restored)."""
+    model = Net(8).double()
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    loss_on = lambda m, s: nn.functional.mse_loss(m(x), y)
+    with torch.no_grad():
+        start_loss = float(loss_on(model, 0))
+    start = snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    stepper = MultilevelStepper(model, opt, MultilevelSchedule((Phase(2, 0, 3),), mgopt=True,
+                                                               line_search=True))
+    for step in range(3):
+        with stepper.step(step, loss_on):
+            opt.zero_grad()
+            loss_on(model, step).backward()
+            stepper.correct_gradients()
+            opt.step()
+    (length,) = stepper.step_lengths
+    with torch.no_grad():
+        end_loss = float(loss_on(model, 0))
+    if lr < 1:
+        assert length == 1.0 and end_loss < start_loss
+    else:
+        assert length < 1.0
+        if length == 0.0:
+            assert all(torch.equal(v, model.state_dict()[k]) for k, v in start.items())
+        else:
+            assert end_loss < start_loss
+    assert stepper.extra_evaluations["fine_gradients"] == 1
+    assert stepper.extra_evaluations["fine_losses"] == 1 + (1 if length == 1.0 else
+                                                            {0.5: 2, 0.25: 3, 0.125: 4, 0.0: 4}[length])
+    with pytest.raises(ValueError, match="needs mgopt"):
+        MultilevelSchedule((Phase(2, 0, 1),), line_search=True)

@@ -148,21 +148,25 @@ def test_multilevel_schedule_trains_the_views_it_names():
 
 
 def test_multilevel_resume_mid_phase_with_mgopt_is_bit_identical(tmp_path):
-    """Optimizer reset at phase changes, the MG/OPT correction held over a phase and nested
-    prolongation all survive a checkpoint taken in the middle of a coarse phase."""
+    """Optimizer reset at phase changes, the MG/OPT correction held over a phase, the line
+    search's starting point and nested prolongation all survive a checkpoint taken in the
+    middle of a coarse phase."""
     ml = MultilevelConfig(cycle="nested", coarse_steps=3, levels=2, prolongation="linear",
-                          optimizer_state="reset", mgopt=True)
+                          optimizer_state="reset", mgopt=True, line_search=True)
     options = dict(mode="serial", steps=7, lr=1e-2, multilevel=ml)
     full, _ = _run(_synthetic(), out_dir=str(tmp_path / "full"), **options)
     first, _ = _run(_synthetic(), out_dir=str(tmp_path / "cut"), until=2, **options)
     resumed, _ = _run(_synthetic(), out_dir=str(tmp_path / "cut"), resume="auto", **options)
     assert [r["loss"] for r in first.history + resumed.history] == [r["loss"] for r in full.history]
     assert [r["stride"] for r in full.history] == [2, 2, 2, 1, 1, 1, 1]
+    assert len(full.multilevel.step_lengths) == 1          # one coarse phase, one line search
+    assert resumed.multilevel.step_lengths == full.multilevel.step_lengths
     with pytest.raises(ValueError, match="multilevel schedule"):    # another schedule: refused
         _run(_synthetic(), out_dir=str(tmp_path / "cut"), resume="auto",
              **{**options, "multilevel": dataclasses.replace(ml, coarse_steps=2)})
     # without the correction the run differs: the correction is really applied and saved
-    plain, _ = _run(_synthetic(), **{**options, "multilevel": dataclasses.replace(ml, mgopt=False)})
+    plain, _ = _run(_synthetic(), **{**options, "multilevel": dataclasses.replace(
+        ml, mgopt=False, line_search=False)})
     assert [r["loss"] for r in plain.history][1:3] != [r["loss"] for r in full.history][1:3]
 
 

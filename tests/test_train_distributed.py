@@ -114,8 +114,8 @@ def test_resume_on_another_rank_count(tmp_path, serial_run, first, second):
     # one layer per rank at stride 4: the coarse view relays serially over the ranks
     ("serial", MultilevelConfig(cycle="nested", coarse_steps=2, levels=3, prolongation="linear",
                                 mgopt=True), [4, 4, 2, 2, 1, 1]),
-    ("parallel", MultilevelConfig(cycle="v", coarse_steps=1, fine_steps=1, mgopt=True),
-     [2, 2, 1, 2, 2, 1]),
+    ("parallel", MultilevelConfig(cycle="v", coarse_steps=1, fine_steps=1, mgopt=True,
+                                  line_search=True), [2, 2, 1, 2, 2, 1]),
 ])
 def test_multilevel_schedule_on_two_ranks_equals_one_process(mode, multilevel, strides):
     """Coarse views keep each rank's share of the layers: the same arithmetic as one process

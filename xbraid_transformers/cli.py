@@ -35,7 +35,7 @@ BASE = dict(layers=8, d_model=32, heads=4, seq_len=32, batch_size=16, vocab=8, d
             print_every=10, checkpoint_every=0, seed=0, probe_every=500, threshold=1.0,
             action="serial", max_iters=16, floor=1e-5, schedule="single", cycle="nested",
             coarse_steps=25, fine_steps=25, ml_levels=3, prolongation="copy",
-            optimizer_state="keep", mgopt=False)
+            optimizer_state="keep", mgopt=False, line_search=False)
 
 
 def _positive_int(text: str) -> int:
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at a phase change (keep; transfer: filled layers copy their source's)")
     g.add_argument("--mgopt", action="store_true", default=None,
                    help="MG/OPT first-order correction of the coarse gradients")
+    g.add_argument("--line-search", action="store_true", default=None,
+                   help="with --mgopt: MG/OPT's line search on the fine loss after each coarse phase")
     p.add_argument("--out", help="output directory (default runs/<task>-<mode>)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
@@ -191,7 +193,7 @@ def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=
                                       fine_steps=values["fine_steps"], levels=values["ml_levels"],
                                       prolongation=values["prolongation"],
                                       optimizer_state=values["optimizer_state"],
-                                      mgopt=values["mgopt"])
+                                      mgopt=values["mgopt"], line_search=values["line_search"])
     train_cfg = TrainConfig(mode=mode, out_dir=out, resume=resume, progress=progress,
                             tensorboard=tensorboard, monitor=monitor, control=control,
                             multilevel=multilevel,

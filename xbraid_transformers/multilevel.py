@@ -23,6 +23,10 @@ explicit (arXiv 2504.18590 leaves them open):
   coarse gradient is replaced by g_H - (g_H(start) - R g_h(start)), so that the first coarse
   step follows the fine gradient. R is injection: a coarse layer's restricted gradient is the
   fine gradient of the same layer; parameters outside the stacks map one to one.
+- ``line_search`` (with mgopt): MG/OPT's safeguard. The coarse phase moves the parameters from
+  theta_0 to theta_1; afterwards the fine loss on the phase's first batch (model in eval mode)
+  is compared at theta_0 + a (theta_1 - theta_0) for a = 1, 1/2, 1/4, 1/8, and the first a
+  that lowers it below the value at theta_0 is kept (none: theta_0 is restored).
 """
 from __future__ import annotations
 
@@ -196,8 +200,11 @@ class MultilevelSchedule:
     phases: Tuple[Phase, ...]
     optimizer_state: str = "keep"
     mgopt: bool = False
+    line_search: bool = False
 
     def __post_init__(self):
+        if self.line_search and not self.mgopt:
+            raise ValueError("line_search is MG/OPT's safeguard: it needs mgopt=True")
         if self.optimizer_state not in OPTIMIZER_STATES:
             raise ValueError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}; got "
                              f"{self.optimizer_state!r}")
@@ -248,7 +255,8 @@ class MultilevelConfig:
     2^(levels-2)-th, ..., with ``prolongation`` ("copy" or "linear") after each coarse level;
     the fine model takes the remaining steps. cycle ``"v"``: (even, odd, fine) phases of
     ``coarse_steps``, ``coarse_steps`` and ``fine_steps`` repeated until ``steps`` (the last
-    phase is cut short). optimizer_state and mgopt: see :class:`MultilevelSchedule`.
+    phase is cut short). optimizer_state, mgopt and line_search: see
+    :class:`MultilevelSchedule`.
     """
 
     cycle: str = "nested"
@@ -258,6 +266,7 @@ class MultilevelConfig:
     prolongation: str = "copy"
     optimizer_state: str = "keep"
     mgopt: bool = False
+    line_search: bool = False
 
     def __post_init__(self):
         if self.cycle not in CYCLES:
@@ -272,7 +281,8 @@ class MultilevelConfig:
             raise ValueError("nested iteration needs levels >= 2")
 
     def schedule(self, steps: int) -> MultilevelSchedule:
-        options = dict(optimizer_state=self.optimizer_state, mgopt=self.mgopt)
+        options = dict(optimizer_state=self.optimizer_state, mgopt=self.mgopt,
+                       line_search=self.line_search)
         if self.cycle == "nested":
             fine = steps - (self.levels - 1) * self.coarse_steps
             if fine < 1:
@@ -302,8 +312,11 @@ class MultilevelStepper:
 
     At a phase's first step it resets the optimizer state (``optimizer_state="reset"``) and
     forms the MG/OPT correction (``mgopt``, coarse phases; ``loss_on(model, step)`` is the
-    loss of that step's batch); after a phase's last step it prolongates (nested iteration).
-    ``state_dict()`` holds the correction by parameter name (for checkpoints mid-phase)."""
+    loss of that step's batch); after a phase's last step it runs the line search
+    (``line_search``) and prolongates (nested iteration). ``state_dict()`` holds what a
+    checkpoint taken mid-phase needs, by parameter name. ``extra_evaluations`` counts the
+    fine-model passes beyond the training steps: gradients (forward + backward) and line-search
+    losses (forward only)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: MultilevelSchedule):
@@ -313,27 +326,71 @@ class MultilevelStepper:
                 selected_layers(len(stack.layers), phase.stride, phase.offset)
                 _coarse_blocks(stack, phase.stride, phase.offset)
         self.correction: dict = {}
+        self.start: dict = {}                 # theta_0 of the phase (line search)
+        self.start_loss: Optional[float] = None
+        self.step_lengths: List[float] = []   # the line search's choice, per coarse phase
+        self.extra_evaluations = {"fine_gradients": 0, "coarse_gradients": 0, "fine_losses": 0}
 
     @contextlib.contextmanager
     def step(self, step: int, loss_on: Callable[[nn.Module, int], torch.Tensor]):
         phase, first = self.schedule.locate(step)
         if step == first:
-            if self.schedule.optimizer_state == "reset":
-                self.optimizer.state.clear()
-            self.correction = {}
-            if self.schedule.mgopt and not phase.is_fine:
-                fine = _gradients(self.model, loss_on, step)
-                with coarse_view(self.model, phase.stride, phase.offset):
-                    coarse = _gradients(self.model, loss_on, step)
-                self.correction = {p: coarse[p] - fine[p] for p in coarse if p in fine}
+            self._begin(phase, step, loss_on)
         view = (contextlib.nullcontext(self.model) if phase.is_fine
                 else coarse_view(self.model, phase.stride, phase.offset))
         with view:
             yield phase
-        if step == first + phase.steps - 1 and phase.prolongate_after:
-            prolongate(self.model, phase.stride, phase.prolongate_after)
-            if self.schedule.optimizer_state == "transfer":
-                transfer_optimizer_state(self.model, self.optimizer, phase.stride)
+        if step == first + phase.steps - 1:
+            if self.start:
+                self._line_search(loss_on, first)
+            if phase.prolongate_after:
+                prolongate(self.model, phase.stride, phase.prolongate_after)
+                if self.schedule.optimizer_state == "transfer":
+                    transfer_optimizer_state(self.model, self.optimizer, phase.stride)
+
+    def _begin(self, phase: Phase, step: int, loss_on) -> None:
+        if self.schedule.optimizer_state == "reset":
+            self.optimizer.state.clear()
+        self.correction, self.start, self.start_loss = {}, {}, None
+        if not self.schedule.mgopt or phase.is_fine:
+            return
+        fine = _gradients(self.model, loss_on, step)
+        with coarse_view(self.model, phase.stride, phase.offset):
+            coarse = _gradients(self.model, loss_on, step)
+        self.extra_evaluations["fine_gradients"] += 1
+        self.extra_evaluations["coarse_gradients"] += 1
+        self.correction = {p: coarse[p] - fine[p] for p in coarse if p in fine}
+        if self.schedule.line_search:
+            self.start = {p: p.detach().clone() for p in self.correction}
+            self.start_loss = self._fine_loss(loss_on, step)
+
+    @torch.no_grad()
+    def _fine_loss(self, loss_on, step: int) -> float:
+        training = self.model.training
+        self.model.eval()
+        try:
+            self.extra_evaluations["fine_losses"] += 1
+            return float(loss_on(self.model, step))
+        finally:
+            self.model.train(training)
+
+    @torch.no_grad()
+    def _line_search(self, loss_on, first: int) -> None:
+        """theta_0 + a (theta_1 - theta_0) for the first a in 1, 1/2, 1/4, 1/8 that lowers the
+        fine loss of the phase's first batch; theta_0 when none does."""
+        moved = {p: p.detach().clone() for p in self.start}
+        chosen = 0.0
+        for a in (1.0, 0.5, 0.25, 0.125):
+            for p, theta0 in self.start.items():
+                p.copy_(torch.lerp(theta0, moved[p], a))
+            if self._fine_loss(loss_on, first) < self.start_loss:
+                chosen = a
+                break
+        if chosen == 0.0:
+            for p, theta0 in self.start.items():
+                p.copy_(theta0)
+        self.step_lengths.append(chosen)
+        self.start, self.start_loss = {}, None
 
     @torch.no_grad()
     def correct_gradients(self) -> None:
@@ -343,13 +400,20 @@ class MultilevelStepper:
                 p.grad.sub_(c)
 
     def state_dict(self) -> dict:
+        """Per-parameter tensors by name (``correction``, ``start``) and the start loss."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        return {"correction": {names[id(p)]: c for p, c in self.correction.items()}}
+        return {"correction": {names[id(p)]: c for p, c in self.correction.items()},
+                "start": {names[id(p)]: t for p, t in self.start.items()},
+                "start_loss": self.start_loss, "step_lengths": list(self.step_lengths)}
 
     def load_state_dict(self, state: dict) -> None:
         params = dict(self.model.named_parameters())
-        self.correction = {params[n]: c.to(params[n].device) for n, c in state["correction"].items()
-                           if n in params}
+
+        def by_param(values):
+            return {params[n]: t.to(params[n].device) for n, t in values.items() if n in params}
+
+        self.correction, self.start = by_param(state["correction"]), by_param(state["start"])
+        self.start_loss, self.step_lengths = state["start_loss"], list(state["step_lengths"])
 
 
 def train_multilevel(model: nn.Module, optimizer: torch.optim.Optimizer,

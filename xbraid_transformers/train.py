@@ -210,12 +210,18 @@ class Trainer:
                 "controller": self.controller.state_dict() if self.controller else None,
                 "dropout": [m.dropout.state_dict() for m in self.modules],
                 "modes": [m.parallel for m in self.modules],
-                "multilevel": (gather_named(self.model, self.multilevel.state_dict()["correction"])
-                               if self.multilevel else None),
+                "multilevel": self._multilevel_state(),
                 "rng": rng_state(), "data": {"next_step": self.step},
                 "train_seconds": self.train_seconds, "virtual_seconds": self.virtual_seconds,
                 "mode": self.config.mode, "task": self.task.config.name,
                 "schedule": self._schedule_key()}
+
+    def _multilevel_state(self) -> Optional[dict]:
+        """The stepper's state, its per-parameter tensors gathered from every rank."""
+        if self.multilevel is None:
+            return None
+        return {k: gather_named(self.model, v) if isinstance(v, dict) else v
+                for k, v in self.multilevel.state_dict().items()}
 
     def _schedule_key(self) -> Optional[dict]:
         ml = self.config.multilevel
@@ -244,7 +250,7 @@ class Trainer:
         load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.multilevel is not None and state.get("multilevel") is not None:
-            self.multilevel.load_state_dict({"correction": state["multilevel"]})
+            self.multilevel.load_state_dict(state["multilevel"])
         if self.controller is not None and state.get("controller"):
             self.controller.load_state_dict(state["controller"])
         for module, drop in zip(self.modules, state["dropout"]):
