@@ -15,6 +15,7 @@ Writes ``benchmarks/results/multilevel.json`` and a Markdown table beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -25,20 +26,24 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from xbraid_transformers.multilevel import MultilevelSchedule, Phase, coarse_view, train_multilevel
+from xbraid_transformers.multilevel import MultilevelSchedule, MultilevelStepper, Phase, coarse_view
 
 
 # ----------------------------------------------------------------------------- families
 def batch_loss(seed, draw, loss):
     """``loss_on(model, step)``: the loss of batch ``step``, drawn once per step from a seeded
-    stream, so extra gradient evaluations (MG/OPT) at one step see the same batch."""
+    stream, so extra evaluations at an earlier step of the phase (MG/OPT gradients at its
+    start, the line search after it) see the same batch."""
     gen = torch.Generator().manual_seed(10_000 + seed)
     cache = {}
 
     def loss_on(model, step):
         if step not in cache:
-            cache.clear()
+            if step < max(cache, default=-2):
+                raise RuntimeError(f"batch {step} left the cache")
             cache[step] = draw(gen)
+            for old in [k for k in cache if k < step - 64]:
+                del cache[old]
         return loss(model, *cache[step])
     return loss_on
 
@@ -106,24 +111,15 @@ FAMILIES = {"gpt": gpt_family, "vit": vit_family}
 
 
 # ----------------------------------------------------------------------------- measuring
-def step_flops(model, loss_on, stride, offset):
-    """FLOPs of one forward + backward on the view (stride, offset); (1, 0) is the fine model."""
+def step_flops(model, loss_on, stride, offset, backward=True):
+    """FLOPs of one forward (+ backward) on the view (stride, offset); (1, 0) is the fine model."""
     probe = copy.deepcopy(model)
-    view = coarse_view(probe, stride, offset) if stride > 1 else _null(probe)
-    with view, FlopCounterMode(display=False) as counter:
-        loss_on(probe, -1).backward()
+    view = coarse_view(probe, stride, offset) if stride > 1 else contextlib.nullcontext(probe)
+    with view, FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
+        loss = loss_on(probe, -1)
+        if backward:
+            loss.backward()
     return counter.get_total_flops()
-
-
-class _null:
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        return self.model
-
-    def __exit__(self, *exc):
-        return False
 
 
 def make_optimizer(name, params, lrs):
@@ -133,18 +129,27 @@ def make_optimizer(name, params, lrs):
 
 
 def run(model, optimizer, loss_on, schedule, val_loss, flops_of):
-    """Train phase by phase; after each phase record (cumulative FLOPs, seconds, val loss)."""
-    curve, flops, seconds = [(0, 0.0, val_loss(model))], 0, 0.0
+    """Train phase by phase; after each phase record (cumulative FLOPs, seconds, val loss).
+    FLOPs: every step on its view, plus MG/OPT's fine and coarse gradients at a coarse phase's
+    start and the line search's fine forward passes."""
+    stepper = MultilevelStepper(model, optimizer, schedule)
+    curve, flops, seconds, step = [(0, 0.0, val_loss(model))], 0, 0.0, 0
     for phase in schedule:
-        one = MultilevelSchedule((phase,), optimizer_state=schedule.optimizer_state, mgopt=schedule.mgopt)
         start = time.perf_counter()
-        train_multilevel(model, optimizer, loss_on, one)
+        for _ in range(phase.steps):
+            with stepper.step(step, loss_on):
+                optimizer.zero_grad(set_to_none=True)
+                loss_on(model, step).backward()
+                stepper.correct_gradients()
+                optimizer.step()
+            step += 1
         seconds += time.perf_counter() - start
-        extra = 2 if (schedule.mgopt and not phase.is_fine) else 0   # MG/OPT: fine + coarse gradient
-        flops += (phase.steps + extra) * flops_of[(phase.stride, phase.offset)]
-        if extra:
-            flops += flops_of[(1, 0)] - flops_of[(phase.stride, phase.offset)]
-        curve.append((flops, seconds, val_loss(model)))
+        view = (phase.stride, phase.offset)
+        flops += phase.steps * flops_of[view]
+        if schedule.mgopt and not phase.is_fine:
+            flops += flops_of[(1, 0)] + flops_of[view]
+        losses = stepper.extra_evaluations["fine_losses"]
+        curve.append((flops + losses * flops_of["forward"], seconds, val_loss(model)))
     return curve
 
 
@@ -163,6 +168,8 @@ def schedules(steps, phase):
         "single-level": MultilevelSchedule(tuple(Phase(1, 0, phase) for _ in range(steps // phase))),
         "v-cycle": MultilevelSchedule.v_cycle(phase, phase, cycles),
         "v-cycle+mgopt": MultilevelSchedule.v_cycle(phase, phase, cycles, mgopt=True),
+        "v-cycle+mgopt, line search": MultilevelSchedule.v_cycle(phase, phase, cycles, mgopt=True,
+                                                                line_search=True),
         f"v-cycle+mgopt, {short}-step coarse phases": MultilevelSchedule.v_cycle(
             short, phase, max(1, round(2 * steps / (2 * short + phase))), mgopt=True),
         "v-cycle, reset state": MultilevelSchedule.v_cycle(phase, phase, cycles, optimizer_state="reset"),
@@ -180,6 +187,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--phase", type=int, default=25)
+    parser.add_argument("--schedules", nargs="+", metavar="NAME",
+                        help="only these multilevel schedules (single-level always runs: it sets the target)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
@@ -192,16 +201,19 @@ def main(argv=None):
         reference = make(0)
         probe_loss = train_batch(0)
         flops_of = {view: step_flops(reference, probe_loss, *view) for view in [(1, 0), (2, 0), (2, 1), (4, 0)]}
+        flops_of["forward"] = step_flops(reference, probe_loss, 1, 0, backward=False)
+        chosen = {name: schedule for name, schedule in schedules(args.steps, args.phase).items()
+                  if name == "single-level" or not args.schedules or name in args.schedules}
         for opt_name in args.optimizers:
             curves = {}
-            for name, schedule in schedules(args.steps, args.phase).items():
+            for name, schedule in chosen.items():
                 for seed in range(args.seeds):
                     model = make(seed)
                     optimizer = make_optimizer(opt_name, model.parameters(), lrs)
                     curves[(name, seed)] = run(model, optimizer, train_batch(seed), schedule, val_loss, flops_of)
             target = max(curves[("single-level", s)][-1][2] for s in range(args.seeds))
             base = [to_target(curves[("single-level", s)], target) for s in range(args.seeds)]
-            for name in schedules(args.steps, args.phase):
+            for name in chosen:
                 rows = []
                 for seed in range(args.seeds):
                     flops, seconds = to_target(curves[(name, seed)], target)
@@ -210,7 +222,8 @@ def main(argv=None):
                                      flop_ratio=_ratio(base_flops, flops), time_ratio=_ratio(base_seconds, seconds),
                                      final_val=curves[(name, seed)][-1][2]))
                 results.append(dict(family=family, optimizer=opt_name, schedule=name, target=target,
-                                    flops_per_step={f"{k[0]}:{k[1]}": v for k, v in flops_of.items()},
+                                    flops_per_step={k if isinstance(k, str) else f"{k[0]}:{k[1]}": v
+                                                    for k, v in flops_of.items()},
                                     runs=rows, curves={s: curves[(name, s)] for s in range(args.seeds)}))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "multilevel.json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
