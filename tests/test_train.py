@@ -160,6 +160,8 @@ def test_multilevel_resume_mid_phase_with_mgopt_is_bit_identical(tmp_path):
     assert [r["loss"] for r in first.history + resumed.history] == [r["loss"] for r in full.history]
     assert [r["stride"] for r in full.history] == [2, 2, 2, 1, 1, 1, 1]
     assert len(full.multilevel.step_lengths) == 1          # one coarse phase, one line search
+    assert [r.get("line_search_step") for r in full.history] == [
+        None, None, full.multilevel.step_lengths[0], None, None, None, None]
     assert resumed.multilevel.step_lengths == full.multilevel.step_lengths
     with pytest.raises(ValueError, match="multilevel schedule"):    # another schedule: refused
         _run(_synthetic(), out_dir=str(tmp_path / "cut"), resume="auto",

@@ -272,6 +272,7 @@ class Trainer:
             virtual_start = self.clock.time
         probe = self.controller.before_step() if self.controller else False
         total = 0.0
+        searches = len(self.multilevel.step_lengths) if self.multilevel else 0
         with self._phase() as phase:
             for micro in range(cfg.grad_accum):
                 loss = task.loss(task.batch("train", self.step, micro)) / cfg.grad_accum
@@ -303,6 +304,8 @@ class Trainer:
                   "rho_forward": None, "rho_backward": None}
         if phase is not None:
             record.update(stride=phase.stride, offset=phase.offset)
+            if len(self.multilevel.step_lengths) > searches:     # a coarse phase ended
+                record["line_search_step"] = self.multilevel.step_lengths[-1]
         if stats and stats.mode == "layer_parallel":
             record["mode"] = "parallel"
         if decision is not None:
