@@ -27,6 +27,11 @@ explicit (arXiv 2504.18590 leaves them open):
   theta_0 to theta_1; afterwards the fine loss on the phase's first batch (model in eval mode)
   is compared at theta_0 + a (theta_1 - theta_0) for a = 1, 1/2, 1/4, 1/8, and the first a
   that lowers it below the value at theta_0 is kept (none: theta_0 is restored).
+
+``MultilevelConfig`` builds a schedule for a run of a given length (the trainer's and
+``xbt train --schedule multilevel``'s form); ``MultilevelStepper`` applies a schedule one
+optimisation step at a time inside any training loop; ``train_multilevel`` is the whole loop.
+On several ranks every rank keeps the layers of its own block in every view.
 """
 from __future__ import annotations
 
@@ -41,7 +46,6 @@ from torch import nn
 from .config import MGRITConfig
 from .layer_parallel import LayerParallel
 
-FINE = (1, 0)
 OPTIMIZER_STATES = ("keep", "reset", "transfer")
 
 
