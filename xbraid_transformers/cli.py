@@ -238,7 +238,10 @@ class Runner:
                 parser.error("--nprocs spawns processes itself; under torchrun, mpiexec or srun "
                              "leave it out (the launcher's processes are the ranks)")
             # the tasks train on the CPU: gloo under torchrun (not NCCL), mpi4py under mpiexec
-            self.comm = init_distributed("gloo" if launcher == "torchrun" else None)
+            try:
+                self.comm = init_distributed("gloo" if launcher == "torchrun" else None)
+            except RuntimeError as error:      # e.g. started by mpiexec without mpi4py
+                parser.error(str(error))
             if self.comm.rank != 0:    # one voice: the other ranks only log warnings
                 logging.getLogger().setLevel(logging.WARNING)
 
