@@ -68,3 +68,38 @@ def test_cost_model_limits():
     # more ranks never cost more on the critical path
     speedups = [cost_model(128, p, 3, 4, 1, 1)["speedup"] for p in (1, 2, 4, 8)]
     assert speedups == sorted(speedups)
+
+
+def _stack_with_clock(comm, results):
+    """A 4-layer stack split over the ranks, its messages stamped by one shared clock."""
+    import xbraid_transformers as xbt
+    from xbraid_transformers.mgrit.comm_backends import ThreadComm
+    from xbraid_transformers.perf import ClockedComm, VirtualClock, attach_clock
+    model = torch.nn.Sequential(xbt.LayerParallel([torch.nn.Linear(4, 4) for _ in range(4)],
+                                                  mgrit=xbt.MGRITConfig(levels=2, cfactor=2),
+                                                  comm=comm))
+    link = LinkModel(latency=1.0, bandwidth=1e12)
+    clock = attach_clock(model, link=link, clock=VirtualClock())
+    again = attach_clock(model, link=link, clock=clock)  # re-attaching wraps once, not twice
+    stack = model[0]
+    wrapped = isinstance(stack.comm, ClockedComm) and isinstance(stack.comm.inner, ThreadComm)
+    model(torch.ones(2, 4)).sum().backward()
+    clock.tick()
+    results[comm.rank] = (wrapped and again is clock, clock.messages, clock.time, clock.compute)
+
+
+def test_attach_clock_stamps_the_messages_of_a_split_stack():
+    """Every message costs 1 s of virtual time under this link: the clocks of both ranks move
+    by whole seconds of waiting beyond their CPU time."""
+    import threading
+    from xbraid_transformers.mgrit.comm_backends import ThreadWorld
+    world, results = ThreadWorld(2, timeout=30), [None, None]
+    threads = [threading.Thread(target=_stack_with_clock, args=(world.comm(r), results))
+               for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for wrapped, messages, total, compute in results:
+        assert wrapped and messages > 0
+        assert total >= compute + 1.0                     # at least one message waited for
