@@ -9,7 +9,8 @@
 Every run writes ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt`` into its ``--out``
 directory; ``compare`` adds ``report.md`` and the plots ``loss.png``, ``rho.png`` and
 ``residuals.png``. Options left unset take the task's defaults (``xbt train --task T --help``
-lists the options; ``xbt info`` the tasks and their defaults).
+lists the options; ``xbt info`` the tasks and their defaults). ``--nprocs P`` spawns P gloo
+processes; under ``torchrun`` or ``mpiexec`` the command runs unchanged on the launcher's ranks.
 """
 from __future__ import annotations
 
