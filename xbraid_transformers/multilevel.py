@@ -26,7 +26,9 @@ explicit (arXiv 2504.18590 leaves them open):
 - ``line_search`` (with mgopt): MG/OPT's safeguard. The coarse phase moves the parameters from
   theta_0 to theta_1; afterwards the fine loss on the phase's first batch (model in eval mode)
   is compared at theta_0 + a (theta_1 - theta_0) for a = 1, 1/2, 1/4, 1/8, and the first a
-  that lowers it below the value at theta_0 is kept (none: theta_0 is restored).
+  that lowers it below the value at theta_0 is kept (none: theta_0 is restored). When a < 1
+  the optimizer state of the moved parameters is dropped: it was built along the rejected
+  path.
 
 ``MultilevelConfig`` builds a schedule for a run of a given length (the trainer's and
 ``xbt train --schedule multilevel``'s form); ``MultilevelStepper`` applies a schedule one
@@ -393,6 +395,9 @@ class MultilevelStepper:
         if chosen == 0.0:
             for p, theta0 in self.start.items():
                 p.copy_(theta0)
+        if chosen < 1.0:     # the momentum of a shortened or undone phase points the wrong way
+            for p in self.start:
+                self.optimizer.state.pop(p, None)
         self.step_lengths.append(chosen)
         self.start, self.start_loss = {}, None
 
