@@ -229,3 +229,65 @@ def test_mgopt_line_search_never_raises_the_fine_loss(lr):
                                                             {0.5: 2, 0.25: 3, 0.125: 4, 0.0: 4}[length])
     with pytest.raises(ValueError, match="needs mgopt"):
         MultilevelSchedule((Phase(2, 0, 1),), line_search=True)
+
+
+@pytest.mark.parametrize("coarse_gradients", ["scaled", "raw"])
+def test_coarse_step_follows_the_hand_built_networks_gradient(coarse_gradients):
+    """One SGD step (lr 1) on the odd view moves each kept layer by the gradient of a hand-built
+    half-depth network with step 2h, divided by the stride when scaled; the maps around the
+    stack by that gradient itself; the skipped layers not at all."""
+    model = Net(8).double()
+    model.stack.serial()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    hand = copy.deepcopy(model)
+    hand.stack = xbt.LayerParallel([hand.stack.layers[i] for i in range(1, 8, 2)],
+                                   step_size=2 / 8).serial()
+    grads = dict(zip([n for n, _ in hand.named_parameters()],
+                     torch.autograd.grad(nn.functional.mse_loss(hand(x), y), list(hand.parameters()))))
+    before = snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_multilevel(model, opt, lambda m, s: nn.functional.mse_loss(m(x), y),
+                     MultilevelSchedule((Phase(2, 1, 1),), coarse_gradients=coarse_gradients))
+    factor = 0.5 if coarse_gradients == "scaled" else 1.0
+    for name, value in model.state_dict().items():
+        delta = before[name] - value
+        if name.startswith("stack.layers."):
+            layer = int(name.split(".")[2])
+            expected = (factor * grads[name.replace(f".{layer}.", f".{layer // 2}.", 1)]
+                        if layer % 2 else torch.zeros_like(delta))
+        else:
+            expected = grads[name]
+        torch.testing.assert_close(delta, expected, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_scaled_coarse_gradient_is_the_mean_fine_gradient_of_a_smooth_stack():
+    """With every layer equal (an autonomous ODE), coarse layer i stands for fine layers 2i and
+    2i+1: its scaled gradient matches their mean to O(h), its raw gradient is twice that."""
+    model = Net(16, width=6).double()
+    model.stack.serial()
+    with torch.no_grad():
+        for layer in model.stack.layers[1:]:
+            layer.load_state_dict(model.stack.layers[0].state_dict())
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    loss_on = lambda m, s: nn.functional.mse_loss(m(x), y)
+    weights = [layer.linear.weight for layer in model.stack.layers]
+    fine = torch.autograd.grad(loss_on(model, 0), weights)
+    mean = torch.stack([(fine[2 * i] + fine[2 * i + 1]) / 2 for i in range(8)])
+    for coarse_gradients, factor in (("scaled", 1.0), ("raw", 2.0)):
+        stepper = MultilevelStepper(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                    MultilevelSchedule((Phase(2, 0, 1),), coarse_gradients=coarse_gradients))
+        model.zero_grad()
+        with stepper.step(0, loss_on):
+            loss_on(model, 0).backward()
+            stepper.correct_gradients()
+        coarse = torch.stack([weights[2 * i].grad for i in range(8)])
+        error = (coarse - factor * mean).norm() / (factor * mean).norm()
+        assert error < 0.1, (coarse_gradients, float(error))
+    assert (coarse - mean).norm() / mean.norm() > 0.5      # the raw gradient is not the mean
+
+
+def test_multilevel_options_are_checked():
+    with pytest.raises(ValueError, match="coarse_gradients"):
+        MultilevelSchedule((Phase(2, 0, 1),), coarse_gradients="halved")
+    with pytest.raises(ValueError, match="coarse_gradients"):
+        xbt.multilevel.MultilevelConfig(coarse_gradients="none")

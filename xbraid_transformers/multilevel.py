@@ -14,6 +14,13 @@ interpolation between the trained neighbours.
 A ``MultilevelSchedule`` says which view every optimisation step uses. Choices it makes
 explicit (arXiv 2504.18590 leaves them open):
 - cycle lengths: ``coarse_steps`` per coarse view, ``fine_steps`` per fine phase;
+- ``coarse_gradients``: a coarse layer's step is ``stride * h``, so its gradient carries that
+  factor, and one SGD step on a view of stride s moves the ODE's output about s times as far
+  as a fine step with the same learning rate (s^2 from the step size, 1/s from the layer
+  count). ``"scaled"`` (default) divides the gradients of the view's layers by s, which makes
+  a learning rate mean the same on every level (and the scaled gradient of a coarse layer
+  close to the mean fine gradient of the layers it stands for); ``"raw"`` keeps autograd's.
+  Adam-type optimizers are invariant to the scale, up to gradient clipping and epsilon;
 - optimizer state at a phase change: ``"keep"`` (one optimizer throughout: momentum of the
   shared layers carries over), ``"reset"`` (the state of every parameter is dropped when the
   phase changes) or ``"transfer"`` (as keep, and a prolongation also gives each filled layer
@@ -48,7 +55,15 @@ from torch import nn
 from .config import MGRITConfig
 from .layer_parallel import LayerParallel
 
+CYCLES = ("nested", "v")
+PROLONGATIONS = ("copy", "linear")
 OPTIMIZER_STATES = ("keep", "reset", "transfer")
+COARSE_GRADIENTS = ("scaled", "raw")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def stacks(model: nn.Module) -> List[LayerParallel]:
@@ -138,8 +153,7 @@ def prolongate(model: nn.Module, stride: int, method: str = "copy") -> None:
     ``"linear"``: layer i interpolates linearly between the trained layers before and after it
     (the last block, which has no trained layer after it, copies). On several ranks, every
     rank fills its own layers (each block starts with a trained layer)."""
-    if method not in ("copy", "linear"):
-        raise ValueError(f"method must be 'copy' or 'linear', got {method!r}")
+    _check_choice("method", method, PROLONGATIONS)
     for stack in stacks(model):
         layers = stack.layers
         selected_layers(len(layers), stride, 0)
@@ -207,13 +221,13 @@ class MultilevelSchedule:
     optimizer_state: str = "keep"
     mgopt: bool = False
     line_search: bool = False
+    coarse_gradients: str = "scaled"
 
     def __post_init__(self):
         if self.line_search and not self.mgopt:
             raise ValueError("line_search is MG/OPT's safeguard: it needs mgopt=True")
-        if self.optimizer_state not in OPTIMIZER_STATES:
-            raise ValueError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}; got "
-                             f"{self.optimizer_state!r}")
+        _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATES)
+        _check_choice("coarse_gradients", self.coarse_gradients, COARSE_GRADIENTS)
         if not self.phases or any(p.steps < 1 for p in self.phases):
             raise ValueError("a schedule needs phases of at least one step each")
 
@@ -249,9 +263,6 @@ class MultilevelSchedule:
         return iter(self.phases)
 
 
-CYCLES = ("nested", "v")
-
-
 @dataclass
 class MultilevelConfig:
     """A schedule over a run of ``steps`` optimisation steps (what ``xbt train --schedule
@@ -261,7 +272,7 @@ class MultilevelConfig:
     2^(levels-2)-th, ..., with ``prolongation`` ("copy" or "linear") after each coarse level;
     the fine model takes the remaining steps. cycle ``"v"``: (even, odd, fine) phases of
     ``coarse_steps``, ``coarse_steps`` and ``fine_steps`` repeated until ``steps`` (the last
-    phase is cut short). optimizer_state, mgopt and line_search: see
+    phase is cut short). optimizer_state, mgopt, line_search and coarse_gradients: see
     :class:`MultilevelSchedule`.
     """
 
@@ -273,12 +284,13 @@ class MultilevelConfig:
     optimizer_state: str = "keep"
     mgopt: bool = False
     line_search: bool = False
+    coarse_gradients: str = "scaled"
 
     def __post_init__(self):
-        if self.cycle not in CYCLES:
-            raise ValueError(f"cycle must be one of {', '.join(CYCLES)}; got {self.cycle!r}")
-        if self.prolongation not in ("copy", "linear"):
-            raise ValueError(f"prolongation must be 'copy' or 'linear', got {self.prolongation!r}")
+        _check_choice("cycle", self.cycle, CYCLES)
+        _check_choice("prolongation", self.prolongation, PROLONGATIONS)
+        _check_choice("optimizer_state", self.optimizer_state, OPTIMIZER_STATES)
+        _check_choice("coarse_gradients", self.coarse_gradients, COARSE_GRADIENTS)
         for name in ("coarse_steps", "fine_steps", "levels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -288,7 +300,7 @@ class MultilevelConfig:
 
     def schedule(self, steps: int) -> MultilevelSchedule:
         options = dict(optimizer_state=self.optimizer_state, mgopt=self.mgopt,
-                       line_search=self.line_search)
+                       line_search=self.line_search, coarse_gradients=self.coarse_gradients)
         if self.cycle == "nested":
             fine = steps - (self.levels - 1) * self.coarse_steps
             if fine < 1:
@@ -316,7 +328,10 @@ class MultilevelStepper:
                 stepper.correct_gradients()
                 optimizer.step()
 
-    At a phase's first step it resets the optimizer state (``optimizer_state="reset"``) and
+    ``correct_gradients()``, between backward and the optimizer step, makes the gradients the
+    schedule's (coarse gradients scaled, MG/OPT's correction applied); call it once per step,
+    after the last micro-batch. At a phase's first step the stepper resets the optimizer state
+    (``optimizer_state="reset"``) and
     forms the MG/OPT correction (``mgopt``, coarse phases; ``loss_on(model, step)`` is the
     loss of that step's batch); after a phase's last step it runs the line search
     (``line_search``) and prolongates (nested iteration). ``state_dict()`` holds what a
@@ -332,6 +347,7 @@ class MultilevelStepper:
                 selected_layers(len(stack.layers), phase.stride, phase.offset)
                 _coarse_blocks(stack, phase.stride, phase.offset)
         self.correction: dict = {}
+        self.scale: Tuple[set, float] = (set(), 1.0)   # the current view's layers, their factor
         self.start: dict = {}                 # theta_0 of the phase (line search)
         self.start_loss: Optional[float] = None
         self.step_lengths: List[float] = []   # the line search's choice, per coarse phase
@@ -345,7 +361,11 @@ class MultilevelStepper:
         view = (contextlib.nullcontext(self.model) if phase.is_fine
                 else coarse_view(self.model, phase.stride, phase.offset))
         with view:
-            yield phase
+            self.scale = self._gradient_scale(phase)
+            try:
+                yield phase
+            finally:
+                self.scale = (set(), 1.0)
         if step == first + phase.steps - 1:
             if self.start:
                 self._line_search(loss_on, first)
@@ -363,6 +383,8 @@ class MultilevelStepper:
         fine = _gradients(self.model, loss_on, step)
         with coarse_view(self.model, phase.stride, phase.offset):
             coarse = _gradients(self.model, loss_on, step)
+            layers, factor = self._gradient_scale(phase)
+        coarse = {p: g * factor if p in layers else g for p, g in coarse.items()}
         self.extra_evaluations["fine_gradients"] += 1
         self.extra_evaluations["coarse_gradients"] += 1
         self.correction = {p: coarse[p] - fine[p] for p in coarse if p in fine}
@@ -401,9 +423,21 @@ class MultilevelStepper:
         self.step_lengths.append(chosen)
         self.start, self.start_loss = {}, None
 
+    def _gradient_scale(self, phase: Phase) -> Tuple[set, float]:
+        """Inside the phase's view: the parameters of its layers and their gradient factor."""
+        if phase.is_fine or self.schedule.coarse_gradients == "raw":
+            return set(), 1.0
+        return {p for stack in stacks(self.model) for p in stack.layers.parameters()}, 1 / phase.stride
+
     @torch.no_grad()
     def correct_gradients(self) -> None:
-        """g_H - (g_H(start) - R g_h(start)) for the parameters of the current coarse phase."""
+        """The gradients of the current phase, after backward: in a coarse view the layers'
+        gradients scaled by 1/stride (``coarse_gradients="scaled"``), then MG/OPT's
+        g_H - (g_H(start) - R g_h(start))."""
+        layers, factor = self.scale
+        for p in layers:
+            if p.grad is not None:
+                p.grad.mul_(factor)
         for p, c in self.correction.items():
             if p.grad is not None:
                 p.grad.sub_(c)
