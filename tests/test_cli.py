@@ -22,6 +22,10 @@ TINY = ["--task", "synthetic", "--layers", "4", "--d-model", "8", "--heads", "2"
     (["train", "--task", "synthetic", "--mode", "serial", "--schedule", "multilevel",
       "--steps", "40"], "no fine steps"),
     (["train", "--task", "synthetic", "--schedule", "multilevel", "--cycle", "w"], "invalid choice"),
+    (["train", "--task", "synthetic", "--optimizer", "lion"], "invalid choice"),
+    (["train", "--task", "synthetic", "--momentum", "1"], "in [0, 1)"),
+    (["train", "--task", "synthetic", "--schedule", "multilevel", "--coarse-gradients", "half"],
+     "invalid choice"),
     ([], "required"),
 ])
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):

@@ -1,4 +1,5 @@
 """The trainer: a run where the controller really switches, resume, schedule, metrics."""
+import copy
 import dataclasses
 import json
 import math
@@ -121,6 +122,36 @@ def test_config_validation():
         TrainConfig(mode="fast")
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="momentum"):
+        TrainConfig(optimizer="sgd", momentum=1.0)
+
+
+def test_sgd_steps_are_torchs_sgd_on_the_same_batches():
+    seed_everything(0)
+    task = build_task(_synthetic(dropout=0.0))
+    options = dict(optimizer="sgd", momentum=0.8, lr=0.05, weight_decay=0.01, clip=0.0,
+                   min_lr_ratio=1.0, mode="serial", steps=3)
+    trainer = Trainer(task, TrainConfig(**options))
+    reference = copy.deepcopy(task.model)            # in serial mode, as the trainer set it
+    trainer.fit()
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.8, weight_decay=0.01)
+    reference_task = copy.copy(task)
+    reference_task.model = reference
+    for step in range(3):
+        sgd.zero_grad()
+        reference_task.loss(reference_task.batch("train", step, 0)).backward()
+        sgd.step()
+    for (name, a), b in zip(trainer.model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_resuming_with_another_optimizer_is_refused(tmp_path):
+    _run(_synthetic(), mode="serial", steps=2, out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="'adamw'.*'sgd'"):
+        _run(_synthetic(), mode="serial", steps=4, optimizer="sgd", out_dir=str(tmp_path),
+             resume="auto")
 
 
 # ---------------------------------------------------------------------- multilevel schedule

@@ -24,29 +24,33 @@ import time
 from typing import List, Optional
 
 from .control import ACTIONS, ControlConfig
-from .multilevel import CYCLES, OPTIMIZER_STATES, MultilevelConfig
+from .multilevel import (COARSE_GRADIENTS, CYCLES, OPTIMIZER_STATES, PROLONGATIONS,
+                         MultilevelConfig)
 from .tasks import TASKS, TaskConfig, TaskUnavailable
-from .train import MODES, TrainConfig
+from .train import MODES, OPTIMIZERS, TrainConfig
 
 # Values used when neither the command line nor the task's defaults set an option.
 BASE = dict(layers=8, d_model=32, heads=4, seq_len=32, batch_size=16, vocab=8, dropout=0.0,
             step_size=None, tokenizer="char", data_path=None, levels=2, cfactor=2, relax="FCF",
-            fwd_iters=2, bwd_iters=1, steps=100, lr=1e-3, warmup=0, min_lr_ratio=0.1,
+            fwd_iters=2, bwd_iters=1, steps=100, optimizer="adamw", momentum=0.9, lr=1e-3, warmup=0, min_lr_ratio=0.1,
             weight_decay=0.0, grad_accum=1, clip=1.0, eval_every=0, eval_batches=2, log_every=1,
             print_every=10, checkpoint_every=0, seed=0, probe_every=500, threshold=1.0,
             action="serial", max_iters=16, floor=1e-5, schedule="single", cycle="nested",
             coarse_steps=25, fine_steps=25, ml_levels=3, prolongation="copy",
-            optimizer_state="keep", mgopt=False, line_search=False)
+            optimizer_state="keep", mgopt=False, line_search=False, coarse_gradients="scaled")
 
 
-def _number(kind, lowest, strict: bool, what: str):
-    """An argparse type: ``kind(text)`` above ``lowest`` (``strict``) or at least ``lowest``."""
+def _number(kind, lowest, strict: bool, what: str, below=None):
+    """An argparse type: ``kind(text)`` above ``lowest`` (``strict``) or at least ``lowest``,
+    and under ``below`` when given."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         if not (value > lowest if strict else value >= lowest):   # also rejects nan
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        if below is not None and not value < below:
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
     return parse
@@ -56,6 +60,7 @@ _positive_int = _number(int, 0, True, "a positive integer")
 _nonneg_int = _number(int, 0, False, "an integer >= 0")
 _positive_float = _number(float, 0.0, True, "a positive number")
 _nonneg_float = _number(float, 0.0, False, "a number >= 0")
+_fraction = _number(float, 0.0, False, "a number in [0, 1)", below=1.0)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -79,7 +84,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bwd-iters", type=_positive_int)
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int)
-    g.add_argument("--lr", type=_positive_float)
+    g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="adamw (default) or sgd")
+    g.add_argument("--momentum", type=_fraction, help="SGD's momentum (0.9)")
+    g.add_argument("--lr", type=_positive_float, help="peak learning rate")
     g.add_argument("--warmup", type=_nonneg_int)
     g.add_argument("--min-lr-ratio", type=_nonneg_float)
     g.add_argument("--weight-decay", type=_nonneg_float)
@@ -122,10 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coarse-steps", type=_positive_int, help="steps of each coarse phase (25)")
     g.add_argument("--fine-steps", type=_positive_int, help="fine steps per V-cycle (25)")
     g.add_argument("--ml-levels", type=_positive_int, help="nested: levels, N/2^(L-1) first (3)")
-    g.add_argument("--prolongation", choices=("copy", "linear"),
+    g.add_argument("--prolongation", choices=PROLONGATIONS,
                    help="nested: how skipped layers are filled (copy)")
     g.add_argument("--optimizer-state", choices=OPTIMIZER_STATES,
                    help="at a phase change (keep; transfer: filled layers copy their source's)")
+    g.add_argument("--coarse-gradients", choices=COARSE_GRADIENTS,
+                   help="scaled: a view of stride s divides its layers' gradients by s, so the "
+                        "learning rate means the same on every level (default); raw: autograd's")
     g.add_argument("--mgopt", action="store_true", default=None,
                    help="MG/OPT first-order correction of the coarse gradients")
     g.add_argument("--line-search", action="store_true", default=None,
@@ -173,7 +183,8 @@ def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=
                                       fine_steps=values["fine_steps"], levels=values["ml_levels"],
                                       prolongation=values["prolongation"],
                                       optimizer_state=values["optimizer_state"],
-                                      mgopt=values["mgopt"], line_search=values["line_search"])
+                                      mgopt=values["mgopt"], line_search=values["line_search"],
+                                      coarse_gradients=values["coarse_gradients"])
     train_cfg = TrainConfig(mode=mode, out_dir=out, resume=resume, progress=progress,
                             tensorboard=tensorboard, monitor=monitor, control=control,
                             multilevel=multilevel,

@@ -4,7 +4,7 @@
     summary = Trainer(task, TrainConfig(mode="adaptive", steps=200, out_dir="runs/a")).fit()
 
 One optimizer step = ``grad_accum`` micro-batches (forward + backward each), gradient
-clipping, AdamW, a linear-warmup + cosine LR schedule. Modes: ``serial`` (exact), ``parallel``
+clipping, AdamW or SGD with momentum, a linear-warmup + cosine LR schedule. Modes: ``serial`` (exact), ``parallel``
 (MGRIT with the configured iterations throughout) and ``adaptive`` (parallel under an
 :class:`~xbraid_transformers.control.AdaptiveController`). Batches are a pure function of the
 step, so ranks stay in step and a resumed run sees the batches it would have seen.
@@ -45,11 +45,19 @@ logger = logging.getLogger(__name__)
 
 MODES = ("serial", "parallel", "adaptive")
 
+# name -> (params, config) -> optimizer; the peak lr is the config's, the schedule scales it.
+OPTIMIZERS = {
+    "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                               weight_decay=cfg.weight_decay),
+}
+
 
 @dataclass
 class TrainConfig:
     """Options of one training run.
 
+    optimizer: ``"adamw"`` or ``"sgd"`` (``momentum``: SGD's, 0 for plain SGD).
     lr: peak learning rate; warmup: linear warm-up steps; min_lr_ratio: the cosine decays to
     ``lr * min_lr_ratio`` at ``steps``. clip: max gradient norm (0: off). eval_every: steps
     between evaluations (0: only at the end); evaluation runs the exact (serial) network.
@@ -68,6 +76,8 @@ class TrainConfig:
 
     mode: str = "parallel"
     steps: int = 100
+    optimizer: str = "adamw"
+    momentum: float = 0.9
     lr: float = 1e-3
     warmup: int = 0
     min_lr_ratio: float = 0.1
@@ -92,6 +102,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
         for name in ("steps", "grad_accum", "log_every", "print_every", "eval_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -159,8 +173,7 @@ class Trainer:
         elif config.mode == "parallel" and config.monitor:
             self.controller = AdaptiveController(
                 self.model, dataclasses.replace(config.control, action="monitor"))
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.min_lr_ratio))
         self.multilevel: Optional[MultilevelStepper] = None
@@ -213,8 +226,8 @@ class Trainer:
                 "multilevel": self._multilevel_state(),
                 "rng": rng_state(), "data": {"next_step": self.step},
                 "train_seconds": self.train_seconds, "virtual_seconds": self.virtual_seconds,
-                "mode": self.config.mode, "task": self.task.config.name,
-                "schedule": self._schedule_key()}
+                "mode": self.config.mode, "optimizer_name": self.config.optimizer,
+                "task": self.task.config.name, "schedule": self._schedule_key()}
 
     def _multilevel_state(self) -> Optional[dict]:
         """The stepper's state, its per-parameter tensors gathered from every rank."""
@@ -243,6 +256,9 @@ class Trainer:
         if state.get("mode") not in (None, self.config.mode):
             raise ValueError(f"checkpoint {path!r} is of a {state['mode']!r} run, this run is "
                              f"{self.config.mode!r}")
+        if state.get("optimizer_name", "adamw") != self.config.optimizer:
+            raise ValueError(f"checkpoint {path!r} was trained with {state['optimizer_name']!r}, "
+                             f"this run uses {self.config.optimizer!r}")
         if state.get("schedule") != self._schedule_key():
             raise ValueError(f"checkpoint {path!r} was trained with the multilevel schedule "
                              f"{state.get('schedule')}, this run has {self._schedule_key()}")
