@@ -6,11 +6,12 @@
 For each family, optimizer (SGD with momentum, AdamW) and seed, the same initial model is
 trained (a) single-level for ``--steps`` steps and (b) with each multilevel schedule. The target
 is the validation loss every single-level seed reaches within its budget (the worst seed's final
-loss); the multilevel runs get twice that budget in optimisation steps. FLOPs are counted per training step
-of each view with ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward, counted
-once per view and batch shape), not estimated from time. The validation loss is evaluated on
-the fine model at the end of every phase (every ``--phase`` steps for the single-level run).
-Writes ``benchmarks/results/multilevel.json`` and a Markdown table beside it.
+loss); the multilevel runs get twice that budget in optimisation steps. FLOPs are counted per
+training step of each view with ``torch.utils.flop_counter.FlopCounterMode`` (forward +
+backward, counted once per view and batch shape), not estimated from time. The validation
+loss of the fine model is evaluated every ``--phase`` steps and at the end of every phase;
+every run clips its gradients to norm ``--clip``. Writes ``benchmarks/results/multilevel.json``
+and a Markdown table beside it.
 """
 from __future__ import annotations
 
@@ -128,28 +129,32 @@ def make_optimizer(name, params, lrs):
     return torch.optim.AdamW(params, lr=lrs["adamw_lr"], weight_decay=0.01)
 
 
-def run(model, optimizer, loss_on, schedule, val_loss, flops_of):
-    """Train phase by phase; after each phase record (cumulative FLOPs, seconds, val loss).
-    FLOPs: every step on its view, plus MG/OPT's fine and coarse gradients at a coarse phase's
-    start and the line search's fine forward passes."""
+def run(model, optimizer, loss_on, schedule, val_loss, flops_of, eval_every, clip):
+    """Train step by step; every ``eval_every`` steps and at the end of each phase record
+    (cumulative FLOPs, seconds, val loss of the fine model). FLOPs: every step on its view, plus
+    MG/OPT's fine and coarse gradients at a coarse phase's start and the line search's fine
+    forward passes. Gradients are clipped to norm ``clip`` (0: off), as the trainer does."""
     stepper = MultilevelStepper(model, optimizer, schedule)
     curve, flops, seconds, step = [(0, 0.0, val_loss(model))], 0, 0.0, 0
     for phase in schedule:
-        start = time.perf_counter()
-        for _ in range(phase.steps):
+        view = (phase.stride, phase.offset)
+        if schedule.mgopt and not phase.is_fine:
+            flops += flops_of[(1, 0)] + flops_of[view]
+        for k in range(phase.steps):
+            start = time.perf_counter()
             with stepper.step(step, loss_on):
                 optimizer.zero_grad(set_to_none=True)
                 loss_on(model, step).backward()
                 stepper.correct_gradients()
+                if clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip)
                 optimizer.step()
+            seconds += time.perf_counter() - start
+            flops += flops_of[view]
             step += 1
-        seconds += time.perf_counter() - start
-        view = (phase.stride, phase.offset)
-        flops += phase.steps * flops_of[view]
-        if schedule.mgopt and not phase.is_fine:
-            flops += flops_of[(1, 0)] + flops_of[view]
-        losses = stepper.extra_evaluations["fine_losses"]
-        curve.append((flops + losses * flops_of["forward"], seconds, val_loss(model)))
+            if step % eval_every == 0 or k == phase.steps - 1:
+                losses = stepper.extra_evaluations["fine_losses"]
+                curve.append((flops + losses * flops_of["forward"], seconds, val_loss(model)))
     return curve
 
 
@@ -164,19 +169,25 @@ def schedules(steps, phase):
     cycles = max(1, round(2 * steps / (3 * phase)))
     short = max(1, phase // 5)
     nested = [phase * max(1, round(2 * steps / phase / 3))] * 3
+    brief = [4 * phase, 4 * phase, 2 * steps - 8 * phase]
+    v_cycle = MultilevelSchedule.v_cycle
     return {
         "single-level": MultilevelSchedule(tuple(Phase(1, 0, phase) for _ in range(steps // phase))),
-        "v-cycle": MultilevelSchedule.v_cycle(phase, phase, cycles),
-        "v-cycle+mgopt": MultilevelSchedule.v_cycle(phase, phase, cycles, mgopt=True),
-        "v-cycle+mgopt, line search": MultilevelSchedule.v_cycle(phase, phase, cycles, mgopt=True,
-                                                                line_search=True),
-        f"v-cycle+mgopt, {short}-step coarse phases": MultilevelSchedule.v_cycle(
+        "v-cycle": v_cycle(phase, phase, cycles),
+        "v-cycle, raw coarse gradients": v_cycle(phase, phase, cycles, coarse_gradients="raw"),
+        "v-cycle, reset state": v_cycle(phase, phase, cycles, optimizer_state="reset"),
+        "v-cycle+mgopt": v_cycle(phase, phase, cycles, mgopt=True),
+        "v-cycle+mgopt, line search": v_cycle(phase, phase, cycles, mgopt=True, line_search=True),
+        f"v-cycle+mgopt, {short}-step coarse phases": v_cycle(
             short, phase, max(1, round(2 * steps / (2 * short + phase))), mgopt=True),
-        "v-cycle, reset state": MultilevelSchedule.v_cycle(phase, phase, cycles, optimizer_state="reset"),
         "nested N/4->N/2->N": MultilevelSchedule.nested(nested, method="copy"),
         "nested N/4->N/2->N, linear": MultilevelSchedule.nested(nested, method="linear"),
         "nested N/4->N/2->N, transfer state": MultilevelSchedule.nested(
             nested, method="copy", optimizer_state="transfer"),
+        "nested N/4->N/2->N, raw coarse gradients": MultilevelSchedule.nested(
+            nested, method="copy", coarse_gradients="raw"),
+        f"nested N/4->N/2->N, {brief[0]}-step coarse levels": MultilevelSchedule.nested(
+            brief, method="copy"),
     }
 
 
@@ -186,7 +197,9 @@ def main(argv=None):
     parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw"], choices=["sgd", "adamw"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--phase", type=int, default=25)
+    parser.add_argument("--phase", type=int, default=25,
+                        help="steps of a V-cycle phase; also the evaluation interval")
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
     parser.add_argument("--schedules", nargs="+", metavar="NAME",
                         help="only these multilevel schedules (single-level always runs: it sets the target)")
     parser.add_argument("--quick", action="store_true")
@@ -210,7 +223,8 @@ def main(argv=None):
                 for seed in range(args.seeds):
                     model = make(seed)
                     optimizer = make_optimizer(opt_name, model.parameters(), lrs)
-                    curves[(name, seed)] = run(model, optimizer, train_batch(seed), schedule, val_loss, flops_of)
+                    curves[(name, seed)] = run(model, optimizer, train_batch(seed), schedule, val_loss, flops_of,
+                                               args.phase, args.clip)
             target = max(curves[("single-level", s)][-1][2] for s in range(args.seeds))
             base = [to_target(curves[("single-level", s)], target) for s in range(args.seeds)]
             for name in chosen:

