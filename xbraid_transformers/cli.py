@@ -32,8 +32,8 @@ from .train import MODES, OPTIMIZERS, TrainConfig
 # Values used when neither the command line nor the task's defaults set an option.
 BASE = dict(layers=8, d_model=32, heads=4, seq_len=32, batch_size=16, vocab=8, dropout=0.0,
             step_size=None, tokenizer="char", data_path=None, levels=2, cfactor=2, relax="FCF",
-            fwd_iters=2, bwd_iters=1, steps=100, optimizer="adamw", momentum=0.9, lr=1e-3, warmup=0, min_lr_ratio=0.1,
-            weight_decay=0.0, grad_accum=1, clip=1.0, eval_every=0, eval_batches=2, log_every=1,
+            fwd_iters=2, bwd_iters=1, steps=100, optimizer="adamw", momentum=0.9, lr=1e-3,
+            warmup=0, min_lr_ratio=0.1, weight_decay=0.0, grad_accum=1, clip=1.0, eval_every=0, eval_batches=2, log_every=1,
             print_every=10, checkpoint_every=0, seed=0, probe_every=500, threshold=1.0,
             action="serial", max_iters=16, floor=1e-5, schedule="single", cycle="nested",
             coarse_steps=25, fine_steps=25, ml_levels=3, prolongation="copy",

@@ -331,9 +331,9 @@ class MultilevelStepper:
     ``correct_gradients()``, between backward and the optimizer step, makes the gradients the
     schedule's (coarse gradients scaled, MG/OPT's correction applied); call it once per step,
     after the last micro-batch. At a phase's first step the stepper resets the optimizer state
-    (``optimizer_state="reset"``) and
-    forms the MG/OPT correction (``mgopt``, coarse phases; ``loss_on(model, step)`` is the
-    loss of that step's batch); after a phase's last step it runs the line search
+    (``optimizer_state="reset"``) and forms the MG/OPT correction (``mgopt``, coarse phases;
+    ``loss_on(model, step)`` is the loss of that step's batch); after a phase's last step it
+    runs the line search
     (``line_search``) and prolongates (nested iteration). ``state_dict()`` holds what a
     checkpoint taken mid-phase needs, by parameter name. ``extra_evaluations`` counts the
     fine-model passes beyond the training steps: gradients (forward + backward) and line-search
@@ -347,7 +347,7 @@ class MultilevelStepper:
                 selected_layers(len(stack.layers), phase.stride, phase.offset)
                 _coarse_blocks(stack, phase.stride, phase.offset)
         self.correction: dict = {}
-        self.scale: Tuple[set, float] = (set(), 1.0)   # the current view's layers, their factor
+        self._scale: Tuple[set, float] = (set(), 1.0)   # the current view's layers, their factor
         self.start: dict = {}                 # theta_0 of the phase (line search)
         self.start_loss: Optional[float] = None
         self.step_lengths: List[float] = []   # the line search's choice, per coarse phase
@@ -361,11 +361,11 @@ class MultilevelStepper:
         view = (contextlib.nullcontext(self.model) if phase.is_fine
                 else coarse_view(self.model, phase.stride, phase.offset))
         with view:
-            self.scale = self._gradient_scale(phase)
+            self._scale = self._gradient_scale(phase)
             try:
                 yield phase
             finally:
-                self.scale = (set(), 1.0)
+                self._scale = (set(), 1.0)
         if step == first + phase.steps - 1:
             if self.start:
                 self._line_search(loss_on, first)
@@ -434,7 +434,7 @@ class MultilevelStepper:
         """The gradients of the current phase, after backward: in a coarse view the layers'
         gradients scaled by 1/stride (``coarse_gradients="scaled"``), then MG/OPT's
         g_H - (g_H(start) - R g_h(start))."""
-        layers, factor = self.scale
+        layers, factor = self._scale
         for p in layers:
             if p.grad is not None:
                 p.grad.mul_(factor)

@@ -4,10 +4,11 @@
     summary = Trainer(task, TrainConfig(mode="adaptive", steps=200, out_dir="runs/a")).fit()
 
 One optimizer step = ``grad_accum`` micro-batches (forward + backward each), gradient
-clipping, AdamW or SGD with momentum, a linear-warmup + cosine LR schedule. Modes: ``serial`` (exact), ``parallel``
-(MGRIT with the configured iterations throughout) and ``adaptive`` (parallel under an
-:class:`~xbraid_transformers.control.AdaptiveController`). Batches are a pure function of the
-step, so ranks stay in step and a resumed run sees the batches it would have seen.
+clipping, AdamW or SGD with momentum, a linear-warmup + cosine LR schedule. Modes: ``serial``
+(exact), ``parallel`` (MGRIT with the configured iterations throughout) and ``adaptive``
+(parallel under an :class:`~xbraid_transformers.control.AdaptiveController`). Batches are a
+pure function of the step, so ranks stay in step and a resumed run sees the batches it would
+have seen.
 
 Outputs under ``out_dir`` (rank 0 only): ``metrics.jsonl`` (one record per logged step),
 ``summary.json``, ``checkpoint.pt`` (atomic; ``resume=`` continues from it) and, with
