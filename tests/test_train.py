@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from xbraid_transformers.checkpoint import load_checkpoint, save_checkpoint
 from xbraid_transformers.config import MGRITConfig
 from xbraid_transformers.control import ControlConfig
 from xbraid_transformers.multilevel import MultilevelConfig
@@ -149,6 +150,14 @@ def test_sgd_steps_are_torchs_sgd_on_the_same_batches():
 
 def test_resuming_with_another_optimizer_is_refused(tmp_path):
     _run(_synthetic(), mode="serial", steps=2, out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="'adamw'.*'sgd'"):
+        _run(_synthetic(), mode="serial", steps=4, optimizer="sgd", out_dir=str(tmp_path),
+             resume="auto")
+    # a checkpoint from before the optimizer's name was recorded was trained with AdamW
+    path = str(tmp_path / "checkpoint.pt")
+    state = load_checkpoint(path)
+    del state["optimizer_name"]
+    save_checkpoint(path, state)
     with pytest.raises(ValueError, match="'adamw'.*'sgd'"):
         _run(_synthetic(), mode="serial", steps=4, optimizer="sgd", out_dir=str(tmp_path),
              resume="auto")

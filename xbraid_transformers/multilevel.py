@@ -333,11 +333,10 @@ class MultilevelStepper:
     after the last micro-batch. At a phase's first step the stepper resets the optimizer state
     (``optimizer_state="reset"``) and forms the MG/OPT correction (``mgopt``, coarse phases;
     ``loss_on(model, step)`` is the loss of that step's batch); after a phase's last step it
-    runs the line search
-    (``line_search``) and prolongates (nested iteration). ``state_dict()`` holds what a
-    checkpoint taken mid-phase needs, by parameter name. ``extra_evaluations`` counts the
-    fine-model passes beyond the training steps: gradients (forward + backward) and line-search
-    losses (forward only)."""
+    runs the line search (``line_search``) and prolongates (nested iteration).
+    ``state_dict()`` holds what a checkpoint taken mid-phase needs, by parameter name.
+    ``extra_evaluations`` counts the fine-model passes beyond the training steps: gradients
+    (forward + backward) and line-search losses (forward only)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: MultilevelSchedule):

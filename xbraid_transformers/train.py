@@ -257,8 +257,9 @@ class Trainer:
         if state.get("mode") not in (None, self.config.mode):
             raise ValueError(f"checkpoint {path!r} is of a {state['mode']!r} run, this run is "
                              f"{self.config.mode!r}")
-        if state.get("optimizer_name", "adamw") != self.config.optimizer:
-            raise ValueError(f"checkpoint {path!r} was trained with {state['optimizer_name']!r}, "
+        saved_optimizer = state.get("optimizer_name", "adamw")   # older checkpoints: AdamW
+        if saved_optimizer != self.config.optimizer:
+            raise ValueError(f"checkpoint {path!r} was trained with {saved_optimizer!r}, "
                              f"this run uses {self.config.optimizer!r}")
         if state.get("schedule") != self._schedule_key():
             raise ValueError(f"checkpoint {path!r} was trained with the multilevel schedule "
