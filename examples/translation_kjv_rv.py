@@ -1,7 +1,7 @@
 """English -> Spanish translation on KJV / Reina-Valera 1909 verse pairs with the encoder and
 decoder as one ODE (one MGRIT solve over both stacks), serially and layer-parallel.
 
-    apt-get install -y --no-install-recommends sword-text-kjv sword-text-sparv   # (DATA.md)
+    apt-get install -y --no-install-recommends sword-text-kjv sword-text-sparv   # (docs/data.md)
     python examples/translation_kjv_rv.py --layers 4 --steps 300   # 4 encoder + 4 decoder layers
     python examples/translation_kjv_rv.py --synthetic --steps 30
 
@@ -9,8 +9,8 @@ Reports validation loss, next-token accuracy and (with sacrebleu installed) gree
 """
 import torch
 import torch.nn.functional as F
-
 from _common import compare, parallel_config, parser
+
 from xbraid_transformers.models import Seq2Seq, Seq2SeqConfig
 
 flags = parser(__doc__, layers=4, steps=300, batch=32, lr=1e-3)
@@ -36,7 +36,7 @@ if args.synthetic:  # "translate" = reverse the sentence and map every word to a
         return src, tgt
     (src_train, tgt_train), (src_val, tgt_val) = pairs(4000, 2), pairs(300, 3)
 else:
-    from xbraid_transformers.data import kjv_rv_translation  # the offline loader (DATA.md)
+    from xbraid_transformers.data import kjv_rv_translation  # the offline loader (docs/data.md)
     data = kjv_rv_translation(vocab_size=8000, max_len=args.max_len)   # cached after the first call
     PAD, BOS, EOS = data.pad_id, data.bos_id, data.eos_id
     vocab = data.tokenizer.vocab_size

@@ -6,8 +6,8 @@
 """
 import torch
 import torch.nn.functional as F
-
 from _common import compare, parallel_config, parser
+
 from xbraid_transformers.models import ViT, ViTConfig
 
 args = parser(__doc__, layers=8, steps=300, batch=64, lr=2e-3).parse_args()
@@ -23,7 +23,7 @@ if args.synthetic:  # 10 classes: horizontal stripes with period 2..11 pixels, p
         return images + 0.5 * torch.rand(n, 1, 28, 28, generator=g), labels
     (train_x, train_y), (val_x, val_y) = make(6000, 1), make(1000, 2)
 else:
-    from xbraid_transformers.data import image_splits, images_to_float  # offline loader (DATA.md)
+    from xbraid_transformers.data import image_splits, images_to_float  # offline loader (docs/data.md)
     splits = image_splits("fashion_mnist")
     (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
     train_x, val_x = images_to_float(train_x), images_to_float(val_x)      # (N, 1, 28, 28)

@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from xbraid_transformers import checkpoint as ckpt
-from xbraid_transformers.checkpoint import (CheckpointError, load_checkpoint, rng_state,
-                                            save_checkpoint, set_rng_state)
+from xbraid_transformers.app import checkpoint as ckpt
+from xbraid_transformers.app.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 def _state(value=1.0):
@@ -69,9 +74,9 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
 
 
 def test_trainer_resume_from_a_corrupt_checkpoint_fails_clearly(tmp_path):
-    from xbraid_transformers.config import MGRITConfig
-    from xbraid_transformers.tasks import TaskConfig, build_task
-    from xbraid_transformers.train import TrainConfig, Trainer
+    from xbraid_transformers.app.tasks import TaskConfig, build_task
+    from xbraid_transformers.app.trainer import TrainConfig, Trainer
+    from xbraid_transformers.mgrit.config import MGRITConfig
     cfg = TaskConfig(layers=2, d_model=8, heads=2, seq_len=4, batch_size=2,
                      mgrit=MGRITConfig(levels=2, cfactor=2))
     trainer = Trainer(build_task(cfg), TrainConfig(steps=2, out_dir=str(tmp_path)))

@@ -16,7 +16,6 @@ import xbraid_transformers.data as D
 from xbraid_transformers.data import cache, sources, translation
 from xbraid_transformers.data.sources import INSTALL, DataSourceMissing
 
-
 # --- fixtures in the real formats ----------------------------------------------------------
 
 def write_idx(path, arr, code=0x08, magic=None, gz=True, cut=0):

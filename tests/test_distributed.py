@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 
+import dist_utils as du
 import pytest
 import torch
 
-import dist_utils as du
+from xbraid_transformers.core.ownership import partition_layers
 from xbraid_transformers.distributed import SpawnError, spawn
 from xbraid_transformers.mgrit.comm import SERIAL, Communicator
-from xbraid_transformers.ownership import partition_layers
 
 TIMEOUT = 30.0
 

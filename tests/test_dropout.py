@@ -2,12 +2,11 @@
 import copy
 
 import torch
+from problems import DropoutLayer
 from torch import nn
 
 import xbraid_transformers as xbt
-from xbraid_transformers.ode.dropout import DropoutSync, layer_seed
-
-from problems import DropoutLayer
+from xbraid_transformers.core.dropout import DropoutSync, layer_seed
 
 
 def dropout_stack(num_layers=16, p=0.3, **mgrit):

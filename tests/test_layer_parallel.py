@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+from problems import TanhLayer, serial_reference
 from torch import nn
 
 import xbraid_transformers as xbt
-
-from problems import TanhLayer, serial_reference
 
 CONVERGED = dict(fwd_iters=40, bwd_iters=40, tol=1e-13)
 
@@ -154,7 +153,7 @@ def test_stats_and_modes():
     x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     module(x).sum().backward()
     stats = module.stats
-    assert (stats.mode, stats.fwd_iters, stats.bwd_iters) == ("layer_parallel", 3, 2)
+    assert (stats.mode, stats.fwd_iters, stats.bwd_iters) == ("parallel", 3, 2)
     assert len(stats.fwd_residuals) == 2 and len(stats.bwd_residuals) == 1
     assert stats.fwd_factors == [stats.fwd_residuals[1] / stats.fwd_residuals[0]]
     module.serial()

@@ -8,9 +8,20 @@ import pytest
 import torch
 
 import xbraid_transformers as xbt
-from xbraid_transformers.models import (GPT, Bert, BertClassifier, BertConfig, GPTConfig,
-                                        ParallelConfig, Seq2Seq, Seq2SeqConfig, ViT, ViTConfig,
-                                        deepnet_gain, mask_tokens)
+from xbraid_transformers.models import (
+    GPT,
+    Bert,
+    BertClassifier,
+    BertConfig,
+    GPTConfig,
+    ParallelConfig,
+    Seq2Seq,
+    Seq2SeqConfig,
+    ViT,
+    ViTConfig,
+    deepnet_gain,
+    mask_tokens,
+)
 
 V, L = 12, 8  # vocabulary, sequence length
 TINY = dict(d_model=16, n_heads=2, d_ff=32)
@@ -107,14 +118,14 @@ def test_family_trains_in_serial_and_layer_parallel_mode(family):
     model, loss_fn = FAMILIES[family](parallel())
     serial, parallel_model = copy.deepcopy(model).serial(), copy.deepcopy(model).layer_parallel()
     runs = {}
-    for name, m in (("serial", serial), ("layer_parallel", parallel_model)):
+    for name, m in (("serial", serial), ("parallel", parallel_model)):
         losses = train(m, loss_fn, steps=8, lr=3e-3 if family == "classifier" else 1e-2)
         assert all(torch.isfinite(torch.tensor(losses))), (name, losses)
         assert sum(losses[-2:]) / 2 < losses[0], (name, losses)
         runs[name] = losses
-    assert parallel_model.stats.mode == "layer_parallel" and parallel_model.stats.fwd_iters == 2
+    assert parallel_model.stats.mode == "parallel" and parallel_model.stats.fwd_iters == 2
     assert serial.stats.mode == "serial"
-    assert runs["serial"][0] == pytest.approx(runs["layer_parallel"][0], rel=0.2)
+    assert runs["serial"][0] == pytest.approx(runs["parallel"][0], rel=0.2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -216,9 +227,8 @@ def test_coarse_view_of_every_family_is_the_half_depth_model(name, offset):
     with torch.no_grad():
         expected = loss_fn(half, torch.Generator().manual_seed(3))
         for parallel_mode in (False, True):
-            for stack in model.modules():
-                if isinstance(stack, xbt.LayerParallel):
-                    stack.parallel = parallel_mode
+            for stack in xbt.find_stacks(model):
+                stack.set_parallel(parallel_mode)
             with coarse_view(model, 2, offset):
                 got = loss_fn(model, torch.Generator().manual_seed(3))
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

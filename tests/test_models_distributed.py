@@ -3,12 +3,21 @@ is finite and decreases, every rank sees the same loss, and converged MGRIT over
 processes gives the serial loss at the same weights."""
 import pytest
 import torch
+from test_models import FAMILIES as SINGLE_PROCESS
+from test_models import TINY, L, V, parallel, train
 
 import xbraid_transformers as xbt
-from xbraid_transformers.models import (GPT, Bert, BertClassifier, BertConfig, GPTConfig,
-                                        Seq2Seq, Seq2SeqConfig, ViT, ViTConfig)
-
-from test_models import FAMILIES as SINGLE_PROCESS, L, TINY, V, parallel, train
+from xbraid_transformers.models import (
+    GPT,
+    Bert,
+    BertClassifier,
+    BertConfig,
+    GPTConfig,
+    Seq2Seq,
+    Seq2SeqConfig,
+    ViT,
+    ViTConfig,
+)
 
 BUILD = {
     "gpt": lambda p, comm: GPT(GPTConfig(vocab_size=V, block_size=L, num_layers=4, parallel=p, **TINY), comm=comm),

@@ -3,13 +3,18 @@ import copy
 
 import pytest
 import torch
+from problems import TanhLayer
 from torch import nn
 
 import xbraid_transformers as xbt
-from xbraid_transformers.multilevel import (MultilevelSchedule, MultilevelStepper, Phase,
-                                            coarse_view, prolongate, train_multilevel)
-
-from problems import TanhLayer
+from xbraid_transformers.multilevel import (
+    MultilevelSchedule,
+    MultilevelStepper,
+    Phase,
+    coarse_view,
+    prolongate,
+    train_multilevel,
+)
 
 
 class Net(nn.Module):
@@ -98,7 +103,8 @@ def test_prolongation_copy_and_linear():
 def test_mgopt_correction_makes_the_first_coarse_gradient_the_fine_one():
     model = Net(8).double()
     x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
-    loss_on = lambda m, s: nn.functional.mse_loss(m(x), y)
+    def loss_on(m, s):
+        return nn.functional.mse_loss(m(x), y)
     fine = copy.deepcopy(model)
     fine_grads = torch.autograd.grad(loss_on(fine, 0), list(fine.parameters()))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -118,7 +124,8 @@ def test_nested_iteration_reaches_the_target_and_needs_its_coarse_steps():
     teacher = Net(8, seed=5)
     with torch.no_grad():
         y = teacher(x)
-    loss_on = lambda m, s: nn.functional.mse_loss(m(x), y)
+    def loss_on(m, s):
+        return nn.functional.mse_loss(m(x), y)
     schedule = MultilevelSchedule.nested([60, 60, 5], method="copy")
 
     def final_loss(skip_coarse):
@@ -197,7 +204,8 @@ def test_mgopt_line_search_never_raises_the_fine_loss(lr):
     loss of the phase's first batch ends below its value at the start (or the start is restored)."""
     model = Net(8).double()
     x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
-    loss_on = lambda m, s: nn.functional.mse_loss(m(x), y)
+    def loss_on(m, s):
+        return nn.functional.mse_loss(m(x), y)
     with torch.no_grad():
         start_loss = float(loss_on(model, 0))
     start = snapshot(model)
@@ -269,7 +277,8 @@ def test_scaled_coarse_gradient_is_the_mean_fine_gradient_of_a_smooth_stack():
         for layer in model.stack.layers[1:]:
             layer.load_state_dict(model.stack.layers[0].state_dict())
     x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
-    loss_on = lambda m, s: nn.functional.mse_loss(m(x), y)
+    def loss_on(m, s):
+        return nn.functional.mse_loss(m(x), y)
     weights = [layer.linear.weight for layer in model.stack.layers]
     fine = torch.autograd.grad(loss_on(model, 0), weights)
     mean = torch.stack([(fine[2 * i] + fine[2 * i + 1]) / 2 for i in range(8)])

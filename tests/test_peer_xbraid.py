@@ -164,7 +164,7 @@ def test_final_states_f_points(run):
 @pytest.mark.parametrize("run", RUNS, ids=RUN_IDS)
 def test_final_states_c_points(run):
     """C-points of the final states against XBraid with braid_SetFinalFCRelax (one F-then-C sweep
-    after the last iteration, as docs/ALGORITHM.md's final sweep). XBraid's default (no final
+    after the last iteration, as docs/algorithm.md's final sweep). XBraid's default (no final
     C-relaxation) leaves them at their corrected values: expected.final_states_access_F.
     As for the F-points, the iteration that meets the tolerance completes its coarse correction."""
     states = [float(s.reshape(-1)[0]) for s in _solve(run).states]

@@ -92,6 +92,7 @@ def test_attach_clock_stamps_the_messages_of_a_split_stack():
     """Every message costs 1 s of virtual time under this link: the clocks of both ranks move
     by whole seconds of waiting beyond their CPU time."""
     import threading
+
     from xbraid_transformers.mgrit.comm_backends import ThreadWorld
     world, results = ThreadWorld(2, timeout=30), [None, None]
     threads = [threading.Thread(target=_stack_with_clock, args=(world.comm(r), results))

@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
+from problems import dahlquist_backward_euler, nonlinear_step, serial_states
 
 from xbraid_transformers import MGRITConfig
 from xbraid_transformers.mgrit import MGRITDivergenceError, solve
-
-from problems import dahlquist_backward_euler, nonlinear_step, serial_states
 
 F64 = torch.float64
 
@@ -132,7 +131,8 @@ def test_nan_input_and_diverging_solves_raise():
     with pytest.raises(MGRITDivergenceError, match="u0"):
         solve(nonlinear_step, torch.tensor([float("nan")]), 8, 0.1, cfg)
     # forward Euler on u' = 50 u blows up on the coarse grid and overflows
-    exploding = lambda u, n, dt: u + dt * 1e30 * u
+    def exploding(u, n, dt):
+        return u + dt * 1e30 * u
     with pytest.raises(MGRITDivergenceError, match="diverged|NaN or Inf"):
         solve(exploding, torch.ones(1), 64, 1.0, MGRITConfig(levels=2, cfactor=2, fwd_iters=5))
     with pytest.raises(MGRITDivergenceError, match="final state"):

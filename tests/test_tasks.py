@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import xbraid_transformers as xbt
-from xbraid_transformers import tasks
+from xbraid_transformers.app import tasks
 from xbraid_transformers.data import cache, images, text, translation
 from xbraid_transformers.data.sources import DataSourceMissing
 

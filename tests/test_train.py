@@ -8,12 +8,12 @@ import statistics
 import pytest
 import torch
 
-from xbraid_transformers.checkpoint import load_checkpoint, save_checkpoint
-from xbraid_transformers.config import MGRITConfig
+from xbraid_transformers.app.checkpoint import load_checkpoint, save_checkpoint
+from xbraid_transformers.app.tasks import TaskConfig, build_task
+from xbraid_transformers.app.trainer import TrainConfig, Trainer, lr_factor, seed_everything
 from xbraid_transformers.control import ControlConfig
+from xbraid_transformers.mgrit.config import MGRITConfig
 from xbraid_transformers.multilevel import MultilevelConfig
-from xbraid_transformers.tasks import TaskConfig, build_task
-from xbraid_transformers.train import TrainConfig, Trainer, lr_factor, seed_everything
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""Adaptive control of layer-parallel training: the convergence-factor indicator (ALGORITHM.md §6).
+"""Adaptive control of layer-parallel training: the convergence-factor indicator
+(docs/algorithm.md, "Adaptive control").
 
 Production steps run MGRIT with few iterations (1-2), too few to measure a convergence factor.
 Every ``probe_every`` optimizer steps the controller turns the next step into a *probe*: the
@@ -45,7 +46,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .layer_parallel import LayerParallel
+from .core.layer_parallel import LayerParallel, find_stacks
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class AdaptiveController:
         if config is not None and options:
             raise TypeError("pass either config= or keyword options, not both")
         self.config = config if config is not None else ControlConfig(**options)
-        self.modules: List[LayerParallel] = [m for m in model.modules() if isinstance(m, LayerParallel)]
+        self.modules: List[LayerParallel] = find_stacks(model)
         if not self.modules:
             raise ValueError("the model contains no LayerParallel module to control")
         self.step = 0
@@ -317,12 +318,14 @@ class AdaptiveController:
         self.switch_step = self.step
 
     def _agree(self, decision: Decision) -> Decision:
-        """All ranks take rank 0's action (their residuals agree; this guards round-off)."""
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        """All ranks of the model's layer-parallel group take rank 0's action (their residuals
+        agree; this guards round-off)."""
+        comm = self.modules[0].comm
+        if comm.size == 1:
             return decision
-        code = torch.tensor([float(self.mode == "serial")] + [float(v) for it in self.iters for v in it])
-        dist.broadcast(code, src=0)
+        code = torch.tensor([float(self.mode == "serial")] + [float(v) for it in self.iters for v in it],
+                            device=comm.device)
+        code = comm.broadcast(code, root=0).cpu()
         if bool(code[0]) and self.mode != "serial":
             self._go_serial()
             decision.action, decision.mode_after = "serial", "serial"
@@ -352,11 +355,7 @@ class AdaptiveController:
             module.dropout.load_state_dict(drop)
         self.mode = state["mode"]
         for module in self.modules:
-            module.serial() if self.mode == "serial" else module.layer_parallel()
-
-    @property
-    def probes(self) -> List[Decision]:
-        return self.decisions
+            module.set_parallel(self.mode != "serial")
 
 
 def _decision_from_dict(d: dict) -> Decision:

@@ -1,4 +1,4 @@
-"""Per-layer Lipschitz estimates (ALGORITHM.md section 7).
+"""Per-layer Lipschitz estimates (docs/algorithm.md, "Lipschitz constants and buffer layers").
 
 The local Lipschitz constant of a layer at a state x is the spectral norm of its Jacobian,
 estimated by power iteration on J^T J: each iteration is one Jacobian-vector product
@@ -71,7 +71,7 @@ def layer_lipschitz(model, *inputs, of: str = "rhs", iters: int = 50, rtol: floa
     generator = torch.Generator().manual_seed(seed)
     estimates = []
     with _eval_mode(model), torch.no_grad():
-        x, ctx = model._inputs(*inputs, **kwargs)
+        x, ctx = model.state_and_context(*inputs, **kwargs)
         for layer, h in model.steps():
             def rhs(u, layer=layer):
                 return model.ode_rhs(layer, u, **ctx)

@@ -52,8 +52,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .config import MGRITConfig
-from .layer_parallel import LayerParallel
+from .core.layer_parallel import LayerParallel, find_stacks
 
 CYCLES = ("nested", "v")
 PROLONGATIONS = ("copy", "linear")
@@ -67,60 +66,23 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 def stacks(model: nn.Module) -> List[LayerParallel]:
-    found = [m for m in model.modules() if isinstance(m, LayerParallel)]
+    found = find_stacks(model)
     if not found:
         raise ValueError(f"{type(model).__name__} contains no LayerParallel stack to coarsen")
     return found
 
 
-def selected_layers(num_layers: int, stride: int, offset: int) -> List[int]:
-    if stride < 1 or not 0 <= offset < stride:
-        raise ValueError(f"need stride >= 1 and 0 <= offset < stride, got stride={stride}, offset={offset}")
-    if num_layers % stride:
-        raise ValueError(f"{num_layers} layers cannot be coarsened by {stride}")
-    return list(range(offset, num_layers, stride))
-
-
-def _coarse_blocks(stack: LayerParallel, stride: int, offset: int):
-    """The ranks' blocks of coarse layers: rank r keeps the selected layers it owns."""
-    if stack.blocks is None:
-        return None
-    blocks = [(-(-(lo - offset) // stride), -(-(hi - offset) // stride)) for lo, hi in stack.blocks]
-    if any(lo == hi for lo, hi in blocks):
-        raise ValueError(f"a coarse view with stride {stride} leaves a rank without layers (fine "
-                         f"blocks {stack.blocks}); use fewer ranks or a smaller stride")
-    return blocks
-
-
 @contextlib.contextmanager
 def coarse_view(model: nn.Module, stride: int = 2, offset: int = 0):
     """Inside the block every LayerParallel stack of ``model`` runs the layers
-    ``offset::stride`` with step ``stride * h`` (serially, unless the stack's MGRIT hierarchy
-    also fits the coarse layer count and the ranks' blocks). The layer modules are shared, not
-    copied; on several ranks each keeps the selected layers of its own block."""
-    saved = []
-    for stack in stacks(model):
-        keep = selected_layers(len(stack.layers), stride, offset)
-        blocks = _coarse_blocks(stack, stride, offset)
-        saved.append((stack, stack.layers, stack.step_size, stack.mgrit, stack.parallel,
-                      stack.blocks, getattr(stack, "_num_layers", None)))
-        coarse = nn.ModuleList(stack.layers[i] for i in keep)
-        spacing = stack.mgrit.coarsest_spacing
-        fits = len(coarse) % spacing == 0 and all(lo % spacing == 0 and hi % spacing == 0
-                                                   for lo, hi in blocks or ())
-        # Assigned directly: the hierarchy check of LayerParallel.mgrit sees the fine layers.
-        stack._mgrit = stack.mgrit if fits else MGRITConfig(levels=1)
-        stack.layers, stack.blocks, stack._num_layers = coarse, blocks, len(coarse)
-        stack.step_size = stack.step_size * stride
-        stack.parallel = stack.parallel and fits
-        stack.reset_warm_start()
-    try:
+    ``offset::stride`` with step ``stride * h`` (``LayerParallel.coarse_view``: serially,
+    unless the stack's MGRIT hierarchy also fits the coarse layer count and the ranks' blocks).
+    The layer modules are shared, not copied; on several ranks each keeps the selected layers
+    of its own block."""
+    with contextlib.ExitStack() as views:
+        for stack in stacks(model):
+            views.enter_context(stack.coarse_view(stride, offset))
         yield model
-    finally:
-        for stack, layers, step_size, mgrit, parallel, blocks, num_layers in saved:
-            stack.layers, stack.step_size, stack.parallel = layers, step_size, parallel
-            stack._mgrit, stack.blocks, stack._num_layers = mgrit, blocks, num_layers
-            stack.reset_warm_start()
 
 
 def _entries(layer: nn.Module) -> dict:
@@ -156,7 +118,7 @@ def prolongate(model: nn.Module, stride: int, method: str = "copy") -> None:
     _check_choice("method", method, PROLONGATIONS)
     for stack in stacks(model):
         layers = stack.layers
-        selected_layers(len(layers), stride, 0)
+        stack.coarse_layers(stride, 0)
         lo, hi = stack.block
         if lo % stride or hi % stride:
             raise ValueError(f"the blocks {stack.blocks} do not start at trained layers of stride {stride}")
@@ -343,8 +305,7 @@ class MultilevelStepper:
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         for stack in stacks(model):           # every view exists, on every rank
             for phase in set(schedule.phases):
-                selected_layers(len(stack.layers), phase.stride, phase.offset)
-                _coarse_blocks(stack, phase.stride, phase.offset)
+                stack.coarse_blocks(phase.stride, phase.offset)
         self.correction: dict = {}
         self._scale: Tuple[set, float] = (set(), 1.0)   # the current view's layers, their factor
         self.start: dict = {}                 # theta_0 of the phase (line search)

@@ -20,10 +20,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .config import MGRITConfig
-from .layer_parallel import LayerParallel
-from .ode.blocks import (Rhs, check_pre_ln, decoder_rhs, encoder_decoder_rhs, encoder_rhs,
-                         wrap_rhs)
+from .core.blocks import Rhs, check_pre_ln, decoder_rhs, encoder_decoder_rhs, encoder_rhs, wrap_rhs
+from .core.layer_parallel import LayerParallel
+from .mgrit.config import MGRITConfig
 
 
 def _clones(layer: nn.Module, num_layers: int, what: str) -> list:
@@ -73,8 +72,12 @@ def _causal(mask, is_causal, size, like):
     return mask, bool(is_causal)
 
 
-class _ODEStack(nn.Module):
-    """Front buffer layers (serial, step 1) -> ODE layers (MGRIT, step h) -> back buffers."""
+class ODEStack(nn.Module):
+    """Front buffer layers (serial, step 1) -> ODE layers (MGRIT, step h) -> back buffers.
+
+    The base of the drop-ins. Subclasses define ``state_and_context(*inputs)``: the ODE state
+    and the keyword arguments every layer evaluation receives; ``ode_rhs(layer, x, **ctx)``
+    is F itself and ``steps()`` lists (layer, step size) in order (what diagnostics walk)."""
 
     def __init__(self, layers: Sequence[nn.Module], rhs: Rhs, *, step_size: Optional[float],
                  mgrit: Optional[MGRITConfig], dropout_seed: Optional[int],
@@ -146,7 +149,7 @@ class _ODEStack(nn.Module):
         return x
 
 
-class _TorchLayerStack(_ODEStack):
+class _TorchLayerStack(ODEStack):
     """``num_layers`` clones of one pre-LN torch layer and an optional final norm: what the
     encoder and decoder drop-ins share. ``layer_rhs`` is F of one layer.
 
@@ -197,10 +200,10 @@ class LayerParallelTransformerEncoder(_TorchLayerStack):
     def forward(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 src_key_padding_mask: Optional[torch.Tensor] = None,
                 is_causal: Optional[bool] = None) -> torch.Tensor:
-        return self._output(self._propagate(*self._inputs(src, mask, src_key_padding_mask,
+        return self._output(self._propagate(*self.state_and_context(src, mask, src_key_padding_mask,
                                                           is_causal)))
 
-    def _inputs(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    def state_and_context(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
         _check_input("src", src, self.d_model)
         mask, is_causal = _causal(mask, is_causal, _seq_len(src, self.batch_first), src)
         return src, dict(mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
@@ -227,11 +230,11 @@ class LayerParallelTransformerDecoder(_TorchLayerStack):
                 memory_key_padding_mask: Optional[torch.Tensor] = None,
                 tgt_is_causal: Optional[bool] = None,
                 memory_is_causal: bool = False) -> torch.Tensor:
-        return self._output(self._propagate(*self._inputs(
+        return self._output(self._propagate(*self.state_and_context(
             tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
             tgt_is_causal, memory_is_causal)))
 
-    def _inputs(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+    def state_and_context(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
         _check_input("tgt", tgt, self.d_model)
         _check_input("memory", memory, self.d_model)
@@ -246,7 +249,7 @@ class LayerParallelTransformerDecoder(_TorchLayerStack):
                          tgt_is_causal=tgt_is_causal, memory_is_causal=bool(memory_is_causal))
 
 
-class LayerParallelTransformer(_ODEStack):
+class LayerParallelTransformer(ODEStack):
     """Encoder and decoder as one ODE on Z = [X, Y] (source and target along the sequence).
 
     Encoder layers advance X (F = [F_enc(X), 0]), decoder layers advance Y with cross-attention
@@ -304,12 +307,12 @@ class LayerParallelTransformer(_ODEStack):
                 memory_key_padding_mask: Optional[torch.Tensor] = None,
                 src_is_causal: Optional[bool] = None, tgt_is_causal: Optional[bool] = None,
                 memory_is_causal: bool = False) -> torch.Tensor:
-        z, ctx = self._inputs(src, tgt, src_mask, tgt_mask, memory_mask, src_key_padding_mask,
+        z, ctx = self.state_and_context(src, tgt, src_mask, tgt_mask, memory_mask, src_key_padding_mask,
                               tgt_key_padding_mask, memory_key_padding_mask, src_is_causal,
                               tgt_is_causal, memory_is_causal)
         return self._output(self._propagate(z, **ctx), **ctx)
 
-    def _inputs(self, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None,
+    def state_and_context(self, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None,
                 src_key_padding_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None, src_is_causal=None, tgt_is_causal=None,
                 memory_is_causal=False):

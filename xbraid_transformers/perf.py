@@ -1,170 +1,22 @@
-"""Performance accounting: step counters, virtual clocks per rank, and the MGRIT cost model."""
+"""Performance accounting, in one public place: step counts, virtual clocks, the cost model.
+
+``attach_clock`` puts a model's layer-parallel stacks on one virtual clock per process; the
+pieces it uses live where they belong (the clock beside the communicators in ``mgrit``, the
+counts and the cost model in ``core``).
+"""
 from __future__ import annotations
 
-import contextlib
-import math
-import threading
-import time
-from dataclasses import dataclass, fields
-from typing import Any, Callable, List, Optional
+from typing import Optional
 
 import torch
 
-from .mgrit.comm import Communicator
+from .core.cost_model import cost_model
+from .core.counts import StepCounts
+from .core.layer_parallel import find_stacks
+from .mgrit.clock import INFINIBAND, NVLINK, ClockedComm, LinkModel, VirtualClock, emulate
 
-
-@dataclass
-class StepCounts:
-    """Step evaluations of one rank: fine (one layer, step h) and coarse (step m^l h)."""
-
-    forward_fine: int = 0
-    forward_coarse: int = 0
-    adjoint_fine: int = 0
-    adjoint_coarse: int = 0
-
-    def count(self, kind: str, fine: bool) -> None:
-        name = f"{kind}_{'fine' if fine else 'coarse'}"
-        setattr(self, name, getattr(self, name) + 1)
-
-    def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, 0)
-
-
-# ---------------------------------------------------------------------- virtual time
-@dataclass
-class LinkModel:
-    """Point-to-point cost of a message: ``latency + bytes / bandwidth`` seconds.
-
-    Defaults are NVLink-class (GPUs of one node, NCCL p2p: ~5 us, ~150 GB/s effective);
-    ``INFINIBAND`` is an HDR link between nodes (~10 us, ~23 GB/s effective)."""
-
-    latency: float = 5e-6
-    bandwidth: float = 150e9
-
-    def cost(self, nbytes: int, hops: int = 1) -> float:
-        return hops * self.latency + nbytes / self.bandwidth
-
-
-NVLINK = LinkModel()
-INFINIBAND = LinkModel(latency=10e-6, bandwidth=23e9)
-
-
-class VirtualClock:
-    """Virtual time of one rank: its CPU time between communications, plus message arrival
-    times from the senders' clocks. ``timer``: ``time.thread_time`` (default) for a rank with
-    one torch thread, ``time.process_time`` for a process with several."""
-
-    def __init__(self, timer: Callable[[], float] = time.thread_time):
-        self.timer = timer
-        self.time = 0.0
-        self.compute = 0.0
-        self.messages = 0
-        self.bytes = 0
-        self._mark = timer()
-
-    def tick(self) -> None:
-        now = self.timer()
-        self.time += now - self._mark
-        self.compute += now - self._mark
-        self._mark = now
-
-    def resume(self) -> None:
-        self._mark = self.timer()
-
-    def reset(self) -> None:
-        self.time = self.compute = 0.0
-        self.messages = self.bytes = 0
-        self._mark = self.timer()
-
-
-class ClockedComm(Communicator):
-    """Wraps a communicator: every message carries the sender's virtual time; a receive sets
-    ``clock = max(own, sender + latency + bytes / bandwidth)``; collectives take the latest
-    clock plus a tree of ``ceil(log2 P)`` hops.
-
-    ``gate``: a lock that a rank holds while it computes and releases while it waits for
-    others, so that emulated ranks compute one at a time: with more busy threads than cores
-    (and the GIL between torch calls), thread CPU times were measured up to twice too large."""
-
-    def __init__(self, inner: Communicator, link: LinkModel = NVLINK, gate=None,
-                 clock: Optional[VirtualClock] = None):
-        self.inner, self.link, self.clock = inner, link, clock or VirtualClock()
-        self.gate = gate
-        self.rank, self.size, self.timeout, self.device = inner.rank, inner.size, inner.timeout, inner.device
-        self._hops = max(1, math.ceil(math.log2(max(self.size, 2))))
-
-    def _stamp(self, *values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float64, device=self.device)
-
-    def isend(self, tensor, dst):
-        self.clock.tick()
-        nbytes = tensor.numel() * tensor.element_size()
-        self.inner.isend(tensor, dst)
-        self.inner.isend(self._stamp(self.clock.time, nbytes), dst)
-        self.clock.messages += 1
-        self.clock.bytes += nbytes
-        self.clock.resume()
-
-    @contextlib.contextmanager
-    def _waiting(self):
-        """Around a blocking call: the compute gate is free meanwhile."""
-        if self.gate is None:
-            yield
-            return
-        self.gate.release()
-        try:
-            yield
-        finally:
-            self.gate.acquire()
-
-    def recv(self, like, src):
-        self.clock.tick()
-        with self._waiting():
-            value = self.inner.recv(like, src)
-            sent, nbytes = self.inner.recv(self._stamp(0.0, 0.0), src).tolist()
-        self.clock.time = max(self.clock.time, sent + self.link.cost(int(nbytes)))
-        self.clock.resume()
-        return value
-
-    def _collective(self, nbytes: int) -> None:
-        with self._waiting():
-            latest = float(self.inner.allreduce(self._stamp(self.clock.time), "max")[0])
-        self.clock.time = max(self.clock.time, latest + self.link.cost(nbytes, 2 * self._hops))
-
-    def allreduce(self, tensor, op="sum"):
-        self.clock.tick()
-        with self._waiting():
-            out = self.inner.allreduce(tensor, op)
-        self._collective(tensor.numel() * tensor.element_size())
-        self.clock.resume()
-        return out
-
-    def allgather(self, tensor):
-        self.clock.tick()
-        with self._waiting():
-            out = self.inner.allgather(tensor)
-        self._collective(self.size * tensor.numel() * tensor.element_size())
-        self.clock.resume()
-        return out
-
-    def broadcast(self, tensor, root):
-        self.clock.tick()
-        with self._waiting():
-            sent = float(self.inner.broadcast(self._stamp(self.clock.time), root)[0])
-            out = self.inner.broadcast(tensor, root)
-        if self.rank != root:
-            nbytes = tensor.numel() * tensor.element_size()
-            self.clock.time = max(self.clock.time, sent + self.link.cost(nbytes, self._hops))
-        self.clock.resume()
-        return out
-
-    def flush(self):
-        with self._waiting():
-            self.inner.flush()
-
-    def describe(self) -> str:
-        return self.inner.describe()
+__all__ = ["StepCounts", "VirtualClock", "LinkModel", "NVLINK", "INFINIBAND", "ClockedComm",
+           "attach_clock", "emulate", "cost_model"]
 
 
 def attach_clock(model: torch.nn.Module, link: LinkModel = NVLINK,
@@ -175,77 +27,13 @@ def attach_clock(model: torch.nn.Module, link: LinkModel = NVLINK,
     (the time the run would take with a core or device per rank). ``clock.tick()`` brings
     the clock up to date; ``sync_clock`` makes it the latest over the ranks. CPU runs only:
     CUDA kernels run asynchronously to the CPU clock."""
-    from .layer_parallel import LayerParallel
     clock = clock or VirtualClock()
-    for stack in model.modules():
-        if isinstance(stack, LayerParallel) and stack.comm.size > 1:
-            inner = stack.comm.inner if isinstance(stack.comm, ClockedComm) else stack.comm
-            stack.comm = ClockedComm(inner, link, clock=clock)
+
+    def clocked(comm):
+        inner = comm.inner if isinstance(comm, ClockedComm) else comm
+        return ClockedComm(inner, link, clock=clock)
+
+    for stack in find_stacks(model):
+        if stack.comm.size > 1:
+            stack.wrap_comm(clocked)
     return clock
-
-
-def emulate(fn: Callable[..., Any], nprocs: int, *args, link: LinkModel = NVLINK,
-            timeout: float = 600.0) -> List[Any]:
-    """Run ``fn(comm, *args)`` for ``nprocs`` ranks as threads of this process, each with a
-    ``ClockedComm`` (``comm.clock`` is its virtual clock). Use ``torch.set_num_threads(1)``.
-    Ranks compute one at a time (a shared gate, released while a rank waits for messages), so
-    each rank's CPU time is measured as if it had a core to itself.
-    Ranks as threads share the global random generator: use it for models without dropout."""
-    from .mgrit.comm_backends import ThreadWorld
-    world = ThreadWorld(nprocs, timeout=timeout)
-    results: List[Any] = [None] * nprocs
-    errors: List[BaseException] = []
-
-    gate = threading.Lock()
-
-    def run(rank):
-        gate.acquire()
-        try:
-            results[rank] = fn(ClockedComm(world.comm(rank), link, gate), *args)
-        except BaseException as error:   # re-raised in the caller below
-            errors.append(error)
-            world.barrier.abort()
-        finally:
-            gate.release()
-
-    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(nprocs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
-# ---------------------------------------------------------------------- cost model
-def cost_model(num_layers: int, nprocs: int, levels: int, cfactor: int, fwd_iters: int,
-               bwd_iters: int, relax: str = "FCF", skip_first_downcycle: bool = True,
-               backward_cost: float = 2.0, hop_cost: float = 0.0) -> dict:
-    """ALGORITHM.md section 8, for any number of levels: step evaluations on the critical path
-    (unit: one forward layer step) of one training step, layer-parallel and serial.
-
-    Per V-cycle on level l (N_l points, N_l / P per rank): relaxation (F: (m-1)/m, each CF
-    sweep one more N_l/P), FAS residual and coarse right-hand side (2 N_l / (m P)), the
-    correction's F-relaxation ((m-1)/m N_l/P); the coarsest level is a serial chain of N_L steps
-    plus P-1 hops. The final sweep adds N/P. An adjoint step costs ``backward_cost``."""
-    spacing = cfactor ** (levels - 1)
-    per_rank = math.ceil(num_layers // spacing / nprocs) * spacing   # the largest block
-    sweeps = (len(relax) - 1) // 2
-    m = cfactor
-
-    def cycle(l, skip):
-        points, mine = num_layers / m ** l, per_rank / m ** l
-        if l == levels - 1:
-            return points + (nprocs - 1) * hop_cost
-        cost = 0.0 if skip else mine * ((m - 1) / m + sweeps) + 2 * mine / m
-        return cost + cycle(l + 1, skip) + mine * (m - 1) / m
-
-    def solve(iters):
-        if levels == 1:
-            return num_layers + (nprocs - 1) * hop_cost
-        return sum(cycle(0, skip_first_downcycle and k == 0) for k in range(iters)) + per_rank
-
-    parallel = solve(fwd_iters) + backward_cost * solve(bwd_iters)
-    serial = (1 + backward_cost) * num_layers
-    return dict(parallel=parallel, serial=serial, speedup=serial / parallel)

@@ -49,7 +49,6 @@ import platform
 import sys
 
 import numpy as np
-import pymgrit
 from pymgrit.core.mgrit import Mgrit
 from pymgrit.dahlquist.dahlquist import Dahlquist, VectorDahlquist
 

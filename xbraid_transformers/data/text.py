@@ -14,7 +14,7 @@ import torch
 
 from . import sources
 from .batching import DEFAULT_FRACTIONS, split_arrays
-from .cache import (TokenData, cache_dir, fingerprint, read_meta, save_tokens, write_meta)
+from .cache import TokenData, cache_dir, fingerprint, read_meta, save_tokens, write_meta
 from .sources import PathLike
 from .tokenize import cached_tokenizer
 

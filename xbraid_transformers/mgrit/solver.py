@@ -23,8 +23,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..config import MGRITConfig
 from .comm import SERIAL, Communicator
+from .config import MGRITConfig
 
 Step = Callable[[torch.Tensor, int, float], torch.Tensor]
 

@@ -9,8 +9,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..config import MGRITConfig
-from ..nn import _ODEStack
+from ..mgrit.config import MGRITConfig
+from ..nn import ODEStack
 
 
 @dataclass
@@ -98,7 +98,7 @@ class LayerParallelModel(nn.Module):
     pass it to their stacks."""
 
     def stacks(self):
-        return [m for m in self.modules() if isinstance(m, _ODEStack)]
+        return [m for m in self.modules() if isinstance(m, ODEStack)]
 
     def serial(self):
         for s in self.stacks():

@@ -11,7 +11,7 @@ full state dict is loaded (so a checkpoint loads into any number of ranks).
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -119,14 +119,3 @@ def config_key(config) -> tuple:
 def layer_key(layer: nn.Module) -> tuple:
     return (type(layer).__name__,
             tuple((n, tuple(t.shape), str(t.dtype)) for n, t in layer.state_dict().items()))
-
-
-def owner_of(blocks: Sequence[Tuple[int, int]], index: int) -> int:
-    for r, (lo, hi) in enumerate(blocks):
-        if lo <= index < hi:
-            return r
-    raise IndexError(index)
-
-
-def is_remote(layer: Optional[nn.Module]) -> bool:
-    return isinstance(layer, RemoteLayer)

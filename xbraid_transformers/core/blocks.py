@@ -7,7 +7,7 @@ layer's state dict is exactly that of ``torch.nn.TransformerEncoderLayer`` /
 ``torch.nn.TransformerDecoderLayer``.
 
 Also here: the encoder-decoder right-hand side on the joint state Z = [X, Y] (one ODE for
-both stacks, ALGORITHM.md section 1) and the opt-in wrappers for mixed precision and
+both stacks, docs/algorithm.md) and the opt-in wrappers for mixed precision and
 ``torch.compile``.
 """
 from __future__ import annotations

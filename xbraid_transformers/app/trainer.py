@@ -31,15 +31,15 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from ..control import AdaptiveController, ControlConfig
+from ..core.layer_parallel import LayerParallel, find_stacks
+from ..distributed import clip_grad_norm_, gather_named, gather_optimizer_state, gather_state_dict, load_optimizer_state
+from ..mgrit.comm import SERIAL, Communicator
+from ..mgrit.solver import MGRITDivergenceError
+from ..multilevel import MultilevelConfig, MultilevelStepper
+from ..perf import VirtualClock, attach_clock
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .control import AdaptiveController, ControlConfig
-from .distributed import (clip_grad_norm_, gather_named, gather_optimizer_state,
-                          gather_state_dict, load_optimizer_state)
-from .layer_parallel import LayerParallel
-from .mgrit.comm import SERIAL, Communicator
-from .mgrit.solver import MGRITDivergenceError
-from .multilevel import MultilevelConfig, MultilevelStepper
-from .perf import VirtualClock, attach_clock
+from .defaults import DEFAULTS
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ OPTIMIZERS = {
 
 @dataclass
 class TrainConfig:
-    """Options of one training run.
+    """Options of one training run (defaults from ``app.defaults``).
 
     optimizer: ``"adamw"`` or ``"sgd"`` (``momentum``: SGD's, 0 for plain SGD).
     lr: peak learning rate; warmup: linear warm-up steps; min_lr_ratio: the cosine decays to
@@ -75,24 +75,24 @@ class TrainConfig:
     parallel mode; evaluation always uses the fine model).
     """
 
-    mode: str = "parallel"
-    steps: int = 100
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    lr: float = 1e-3
-    warmup: int = 0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_accum: int = 1
-    clip: float = 1.0
-    eval_every: int = 0
-    eval_batches: int = 2
-    log_every: int = 1
-    print_every: int = 10
-    checkpoint_every: int = 0
+    mode: str = DEFAULTS["mode"]
+    steps: int = DEFAULTS["steps"]
+    optimizer: str = DEFAULTS["optimizer"]
+    momentum: float = DEFAULTS["momentum"]
+    lr: float = DEFAULTS["lr"]
+    warmup: int = DEFAULTS["warmup"]
+    min_lr_ratio: float = DEFAULTS["min_lr_ratio"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    grad_accum: int = DEFAULTS["grad_accum"]
+    clip: float = DEFAULTS["clip"]
+    eval_every: int = DEFAULTS["eval_every"]
+    eval_batches: int = DEFAULTS["eval_batches"]
+    log_every: int = DEFAULTS["log_every"]
+    print_every: int = DEFAULTS["print_every"]
+    checkpoint_every: int = DEFAULTS["checkpoint_every"]
     out_dir: Optional[str] = None
     resume: Optional[str] = None
-    seed: int = 0
+    seed: int = DEFAULTS["seed"]
     progress: Optional[bool] = None
     tensorboard: bool = False
     monitor: bool = False
@@ -142,7 +142,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def layer_comm(modules: List[LayerParallel]) -> Communicator:
+def one_group(modules: List[LayerParallel]) -> Communicator:
     """The one layer-parallel group of a model's stacks (the trainer keeps every stack's ranks
     in step, so all must share it)."""
     comms = {(m.comm.rank, m.comm.size) for m in modules}
@@ -158,13 +158,12 @@ class Trainer:
     def __init__(self, task: Task, config: TrainConfig):
         self.task, self.config = task, config
         self.model = task.model
-        self.modules: List[LayerParallel] = [m for m in self.model.modules()
-                                             if isinstance(m, LayerParallel)]
+        self.modules: List[LayerParallel] = find_stacks(self.model)
         self.clock: Optional[VirtualClock] = None
         if config.virtual_time and not any(p.is_cuda for p in self.model.parameters()):
             timer = time.thread_time if torch.get_num_threads() == 1 else time.process_time
             self.clock = attach_clock(self.model, clock=VirtualClock(timer))
-        self.comm = layer_comm(self.modules)
+        self.comm = one_group(self.modules)
         self.rank = self.comm.rank
         for module in self.modules:
             module.serial() if config.mode == "serial" else module.layer_parallel()
@@ -324,7 +323,7 @@ class Trainer:
             record.update(stride=phase.stride, offset=phase.offset)
             if len(self.multilevel.step_lengths) > searches:     # a coarse phase ended
                 record["line_search_step"] = self.multilevel.step_lengths[-1]
-        if stats and stats.mode == "layer_parallel":
+        if stats and stats.mode == "parallel":
             record["mode"] = "parallel"
         if decision is not None:
             rho = decision.rho
@@ -355,7 +354,7 @@ class Trainer:
                       for i in range(self.config.eval_batches)]
         finally:
             for m, parallel in zip(self.modules, modes):
-                m.parallel = parallel
+                m.set_parallel(parallel)
             self.model.train(was_training)
         return sum(losses) / len(losses)
 

@@ -11,19 +11,21 @@ through ``torch.autograd.Function`` so that autograd accumulates them into ``.gr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .config import MGRITConfig
-from .mgrit import solve
-from .mgrit.comm_backends import as_communicator
-from .ode.dropout import DropoutSync
+from ..mgrit import solve
+from ..mgrit.comm import Communicator
+from ..mgrit.comm_backends import as_communicator
+from ..mgrit.config import MGRITConfig
+from .counts import StepCounts
+from .dropout import DropoutSync
 from .ownership import RemoteLayer, check_agreement, config_key, layer_key, partition_layers
-from .perf import StepCounts
 
 Rhs = Callable[..., torch.Tensor]
 
@@ -32,11 +34,21 @@ def _call_layer(layer: nn.Module, x: torch.Tensor, **ctx) -> torch.Tensor:
     return layer(x, **ctx)
 
 
+def named_stacks(model: nn.Module) -> List[Tuple[str, "LayerParallel"]]:
+    """(name, module) of the LayerParallel modules inside ``model`` (itself included: "")."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LayerParallel)]
+
+
+def find_stacks(model: nn.Module) -> List["LayerParallel"]:
+    """The LayerParallel modules inside ``model`` (itself included), in module order."""
+    return [m for _, m in named_stacks(model)]
+
+
 @dataclass
 class SolveStats:
     """Diagnostics of the last forward and backward solve (empty lists in serial mode)."""
 
-    mode: str = "layer_parallel"
+    mode: str = "parallel"
     fwd_iters: int = 0
     bwd_iters: int = 0
     fwd_residuals: List[float] = field(default_factory=list)
@@ -90,6 +102,7 @@ class LayerParallel(nn.Module):
             raise ValueError("LayerParallel needs at least one layer")
         self.comm = as_communicator(comm)
         self.blocks = None   # [(lo, hi)] of every rank when distributed
+        self._num_layers = num_layers
         self.rhs = rhs or _call_layer
         self.step_size = 1.0 / num_layers if step_size is None else float(step_size)
         if not self.step_size > 0:
@@ -102,7 +115,7 @@ class LayerParallel(nn.Module):
         if self.comm.size > 1 and dropout_seed is None:   # one seed for the whole group
             seed = torch.tensor([self.dropout.seed & ((1 << 63) - 1)], device=self.comm.device)
             self.dropout.seed = int(self.comm.broadcast(seed, root=0)[0])
-        self.parallel = True
+        self._parallel = True
         self.retain_graph = False
         self.stats = SolveStats()
         self.counts = StepCounts()
@@ -123,7 +136,6 @@ class LayerParallel(nn.Module):
             if not lo <= n < hi:
                 owner = next(r for r, (a, b) in enumerate(self.blocks) if a <= n < b)
                 self.layers[n] = RemoteLayer(n, owner, layer)
-        self._num_layers = num_layers
 
     @property
     def block(self):
@@ -159,14 +171,84 @@ class LayerParallel(nn.Module):
                     f"{config.cfactors}; choose options whose coarsest intervals fit the blocks")
         self._mgrit = config
 
+    @property
+    def parallel(self) -> bool:
+        """Whether forward and backward are MGRIT solves (False: exact serial propagation)."""
+        return self._parallel
+
     def serial(self) -> "LayerParallel":
         """Exact training: the layers run one after another through autograd."""
-        self.parallel = False
+        self._parallel = False
         return self
 
     def layer_parallel(self) -> "LayerParallel":
-        self.parallel = True
+        self._parallel = True
         return self
+
+    def set_parallel(self, parallel: bool) -> "LayerParallel":
+        """``layer_parallel()`` when ``parallel`` is true, else ``serial()``."""
+        return self.layer_parallel() if parallel else self.serial()
+
+    # ------------------------------------------------------------------ extension points
+    def wrap_comm(self, wrap: Callable[[Communicator], Communicator]) -> None:
+        """Route this stack's messages through ``wrap(comm)`` (e.g. a virtual clock). The
+        wrapper must keep the rank and the size: the layer blocks were split for them."""
+        comm = wrap(self.comm)
+        if (comm.rank, comm.size) != (self.comm.rank, self.comm.size):
+            raise ValueError(f"wrap_comm: the wrapper changed (rank, size) from "
+                             f"{(self.comm.rank, self.comm.size)} to {(comm.rank, comm.size)}")
+        self.comm = comm
+
+    def coarse_layers(self, stride: int, offset: int = 0) -> List[int]:
+        """The fine layers ``offset, offset + stride, ...`` of a coarse view (validated)."""
+        num_layers = len(self.layers)
+        if not isinstance(stride, int) or stride < 1 or not 0 <= offset < stride:
+            raise ValueError(
+                f"need stride >= 1 and 0 <= offset < stride, got stride={stride}, offset={offset}")
+        if num_layers % stride:
+            raise ValueError(f"{num_layers} layers cannot be coarsened by {stride}")
+        return list(range(offset, num_layers, stride))
+
+    def coarse_blocks(self, stride: int, offset: int = 0):
+        """The ranks' blocks of a coarse view's layers (rank r keeps the selected layers it
+        owns); None on a single process. Raises when a rank would be left without layers."""
+        self.coarse_layers(stride, offset)
+        if self.blocks is None:
+            return None
+        blocks = [(-(-(lo - offset) // stride), -(-(hi - offset) // stride))
+                  for lo, hi in self.blocks]
+        if any(lo == hi for lo, hi in blocks):
+            raise ValueError(f"a coarse view with stride {stride} leaves a rank without layers "
+                             f"(fine blocks {self.blocks}); use fewer ranks or a smaller stride")
+        return blocks
+
+    @contextlib.contextmanager
+    def coarse_view(self, stride: int, offset: int = 0) -> Iterator["LayerParallel"]:
+        """Inside the block this stack runs the layers ``offset::stride`` with step
+        ``stride * h``: a coarser forward-Euler discretisation of the same ODE. The layer
+        modules are shared, not copied. It stays layer-parallel when the MGRIT hierarchy fits
+        the coarse layers and the ranks' coarse blocks, and otherwise runs serially (relayed
+        along the ranks); each rank keeps the selected layers of its own block."""
+        keep = self.coarse_layers(stride, offset)
+        blocks = self.coarse_blocks(stride, offset)
+        saved = (self.layers, self.step_size, self._mgrit, self._parallel, self.blocks,
+                 self._num_layers)
+        spacing = self._mgrit.coarsest_spacing
+        fits = len(keep) % spacing == 0 and all(lo % spacing == 0 and hi % spacing == 0
+                                                 for lo, hi in blocks or ())
+        self.layers = nn.ModuleList(self.layers[i] for i in keep)
+        self.blocks, self._num_layers = blocks, len(keep)
+        # Bypasses the setter's check, which holds the options against the fine layers.
+        self._mgrit = self._mgrit if fits else MGRITConfig(levels=1)
+        self.step_size *= stride
+        self._parallel = self._parallel and fits
+        self.reset_warm_start()
+        try:
+            yield self
+        finally:
+            (self.layers, self.step_size, self._mgrit, self._parallel, self.blocks,
+             self._num_layers) = saved
+            self.reset_warm_start()
 
     def configure(self, **changes) -> None:
         """Change MGRIT options in place, e.g. ``configure(fwd_iters=4)``."""
@@ -277,7 +359,7 @@ class _Run:
                 out = comm.broadcast(out, root=comm.size - 1)
                 comm.flush()
         module._remember("forward", result.states, config)
-        module.stats = SolveStats(mode="layer_parallel" if module.parallel else "serial",
+        module.stats = SolveStats(mode="parallel" if module.parallel else "serial",
                                   fwd_iters=result.iterations, fwd_residuals=result.residuals)
         return out
 

@@ -1,0 +1,161 @@
+"""The package's layering, read from its source: the solver below the layer-parallel core, the
+core below the features, the features below the application, no import cycle, and no module
+reaching into another module's private names (docs/architecture.md)."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "xbraid_transformers"
+PACKAGE = "xbraid_transformers"
+
+# (layer, module-name prefixes); a module belongs to the first layer with a matching prefix.
+LAYERS = [
+    ("solver", ("version", "mgrit")),
+    ("core", ("core", "perf")),
+    ("features", ("nn", "distributed", "control", "multilevel", "models", "data", "diagnostics",
+                  "adapters")),
+    ("app", ("app", "cli", "demo")),
+    ("facade", ("",)),           # the package __init__: re-exports only
+]
+RANK = {name: i for i, (name, _) in enumerate(LAYERS)}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+TREES = {m: ast.parse(p.read_text(encoding="utf-8")) for m, p in MODULES.items()}
+
+
+def layer_of(module: str) -> str:
+    inner = module[len(PACKAGE) + 1:]
+    for name, prefixes in LAYERS:
+        if any(inner == p or inner.startswith(p + ".") for p in prefixes if p) or \
+                (prefixes == ("",) and inner == ""):
+            return name
+    raise AssertionError(f"{module} belongs to no layer: add it to LAYERS and docs/architecture.md")
+
+
+def resolve(module: str, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    is_package = MODULES[module].name == "__init__.py"
+    base = base[: len(base) - node.level + (1 if is_package else 0)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports(module: str):
+    """(target module, line) of every import of the package by ``module``, lazy ones too."""
+    for node in ast.walk(TREES[module]):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = resolve(module, node)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
+                       for a in node.names]
+        else:
+            continue
+        for target in targets:
+            if target == PACKAGE or target.startswith(PACKAGE + "."):
+                while target not in MODULES:     # a name inside a module
+                    target = target.rsplit(".", 1)[0]
+                yield target, node.lineno
+
+
+def test_every_module_has_a_layer():
+    for module in MODULES:
+        layer_of(module)
+
+
+def test_no_module_imports_from_a_higher_layer():
+    upward = [f"{m}:{line} ({layer_of(m)}) imports {t} ({layer_of(t)})"
+              for m in MODULES for t, line in imports(m) if RANK[layer_of(t)] > RANK[layer_of(m)]]
+    assert not upward, "imports that run up the layers:\n" + "\n".join(upward)
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = {m: {t for t, _ in imports(m) if t != m} for m in MODULES}
+    # A package's __init__ re-exports its own submodules: that is containment, not a cycle.
+    graph = {m: {t for t in ts if not t.startswith(m + ".")} for m, ts in graph.items()}
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == "open":
+                cycle = stack[stack.index(t):] + [t]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = "done"
+
+    for m in MODULES:
+        if m not in state:
+            visit(m)
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _defined_private_names(tree: ast.AST) -> set:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+    return {n for n in names if _private(n)}
+
+
+DEFINED = {m: _defined_private_names(tree) for m, tree in TREES.items()}
+
+
+def private_access(module: str):
+    """Private names of other modules of the package that ``module`` imports or reads."""
+    tree, own = TREES[module], DEFINED[module]
+    others = set().union(*(names for m, names in DEFINED.items() if m != module))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = resolve(module, node)
+            if base == PACKAGE or base.startswith(PACKAGE + "."):
+                for alias in node.names:
+                    if _private(alias.name):
+                        yield f"{module}:{node.lineno} imports {base}.{alias.name}"
+        elif isinstance(node, ast.Attribute) and _private(node.attr):
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if not on_self and node.attr in others and node.attr not in own:
+                yield f"{module}:{node.lineno} reads .{node.attr}"
+
+
+def test_no_module_touches_another_modules_private_names():
+    found = [line for m in MODULES for line in private_access(m)]
+    assert not found, "cross-module private access:\n" + "\n".join(found)
+
+
+def test_the_scans_see_a_violation():
+    """The checks themselves can fail: a made-up module that imports upward and reads a private
+    attribute of another module is caught by both."""
+    source = ("from ..app.trainer import Trainer\n"
+              "from ..core.layer_parallel import LayerParallel\n"
+              "def f(stack):\n    return stack._parallel\n")
+    module = f"{PACKAGE}.mgrit.made_up"
+    MODULES[module] = ROOT / "mgrit" / "made_up.py"
+    TREES[module] = ast.parse(source)
+    DEFINED[module] = set()
+    try:
+        assert list(private_access(module)) == [f"{module}:4 reads ._parallel"]
+        upward = [t for t, _ in imports(module) if RANK[layer_of(t)] > RANK[layer_of(module)]]
+        assert upward == [f"{PACKAGE}.app.trainer", f"{PACKAGE}.core.layer_parallel"]
+    finally:
+        del MODULES[module], TREES[module], DEFINED[module]

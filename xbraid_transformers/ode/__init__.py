@@ -1,1 +1,0 @@
-"""Transformer layers as ODE right-hand sides, and synchronised dropout."""
