@@ -36,7 +36,8 @@ if args.synthetic:  # sentences from one of two Markov chains; the class is the 
     mlm_train, mlm_val = sentences(4000, 2)[0], sentences(500, 3)[0]
     (clf_train, y_train), (clf_val, y_val) = sentences(2000, 4), sentences(500, 5)
 else:
-    from xbraid_transformers.data import encode_for_classification, imdb_lm, pad_sequences, rotten_tomatoes_splits
+    from xbraid_transformers.data import (encode_for_classification, imdb_lm, pad_sequences,
+                                          rotten_tomatoes_splits)
     data = imdb_lm(tokenizer="wordpiece", vocab_size=8192)   # cached; ~40 s the first time
     tokenizer, vocab = data.tokenizer, data.vocab_size
     assert [tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]

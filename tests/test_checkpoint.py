@@ -7,13 +7,8 @@ import pytest
 import torch
 
 from xbraid_transformers.app import checkpoint as ckpt
-from xbraid_transformers.app.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from xbraid_transformers.app.checkpoint import (CheckpointError, load_checkpoint, rng_state,
+                                                save_checkpoint, set_rng_state)
 
 
 def _state(value=1.0):

@@ -8,20 +8,9 @@ import pytest
 import torch
 
 import xbraid_transformers as xbt
-from xbraid_transformers.models import (
-    GPT,
-    Bert,
-    BertClassifier,
-    BertConfig,
-    GPTConfig,
-    ParallelConfig,
-    Seq2Seq,
-    Seq2SeqConfig,
-    ViT,
-    ViTConfig,
-    deepnet_gain,
-    mask_tokens,
-)
+from xbraid_transformers.models import (GPT, Bert, BertClassifier, BertConfig, GPTConfig,
+                                        ParallelConfig, Seq2Seq, Seq2SeqConfig, ViT, ViTConfig,
+                                        deepnet_gain, mask_tokens)
 
 V, L = 12, 8  # vocabulary, sequence length
 TINY = dict(d_model=16, n_heads=2, d_ff=32)

@@ -7,17 +7,8 @@ from test_models import FAMILIES as SINGLE_PROCESS
 from test_models import TINY, L, V, parallel, train
 
 import xbraid_transformers as xbt
-from xbraid_transformers.models import (
-    GPT,
-    Bert,
-    BertClassifier,
-    BertConfig,
-    GPTConfig,
-    Seq2Seq,
-    Seq2SeqConfig,
-    ViT,
-    ViTConfig,
-)
+from xbraid_transformers.models import (GPT, Bert, BertClassifier, BertConfig, GPTConfig, Seq2Seq,
+                                        Seq2SeqConfig, ViT, ViTConfig)
 
 BUILD = {
     "gpt": lambda p, comm: GPT(GPTConfig(vocab_size=V, block_size=L, num_layers=4, parallel=p, **TINY), comm=comm),

@@ -7,14 +7,8 @@ from problems import TanhLayer
 from torch import nn
 
 import xbraid_transformers as xbt
-from xbraid_transformers.multilevel import (
-    MultilevelSchedule,
-    MultilevelStepper,
-    Phase,
-    coarse_view,
-    prolongate,
-    train_multilevel,
-)
+from xbraid_transformers.multilevel import (MultilevelSchedule, MultilevelStepper, Phase,
+                                            coarse_view, prolongate, train_multilevel)
 
 
 class Net(nn.Module):

@@ -18,7 +18,8 @@ import xbraid_transformers as xbt
 from xbraid_transformers.app.tasks import TaskConfig, build_task
 from xbraid_transformers.app.trainer import TrainConfig, Trainer, seed_everything
 from xbraid_transformers.control import ControlConfig
-from xbraid_transformers.distributed import clip_grad_norm_, gather_optimizer_state, load_optimizer_state, spawn
+from xbraid_transformers.distributed import (clip_grad_norm_, gather_optimizer_state,
+                                             load_optimizer_state, spawn)
 from xbraid_transformers.mgrit.comm import SERIAL
 from xbraid_transformers.mgrit.config import MGRITConfig
 from xbraid_transformers.multilevel import MultilevelConfig

@@ -2,19 +2,12 @@
 from . import mgrit, multilevel, perf
 from .control import AdaptiveController, ControlConfig
 from .core.layer_parallel import LayerParallel, SolveStats, find_stacks
-from .distributed import (
-                          SpawnError,
-                          broadcast_replicated_,
-                          clip_grad_norm_,
-                          gather_optimizer_state,
-                          gather_state_dict,
-                          init_distributed,
-                          layer_data_groups,
-                          load_optimizer_state,
-                          spawn,
-)
+from .distributed import (SpawnError, broadcast_replicated_, clip_grad_norm_,
+                          gather_optimizer_state, gather_state_dict, init_distributed,
+                          layer_data_groups, load_optimizer_state, spawn)
 from .mgrit.config import MGRITConfig
-from .nn import LayerParallelTransformer, LayerParallelTransformerDecoder, LayerParallelTransformerEncoder
+from .nn import (LayerParallelTransformer, LayerParallelTransformerDecoder,
+                 LayerParallelTransformerEncoder)
 from .version import __version__
 
 __all__ = [

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xbt", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:8]))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,reproduce,info}")
     p = sub.add_parser("train", help="train one model")
     _add_run_options(p)
     p.add_argument("--mode", choices=MODES, default=DEFAULTS["mode"])
@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--quick", action="store_true", help="a small configuration (minutes on 2 cores)")
     p.add_argument("--out", help="output directory (default runs/compare-<task>)")
+    p = sub.add_parser("reproduce", help="the papers' claims at small scale, with verdicts")
+    p.add_argument("--quick", action="store_true", help="small sizes (about 20 minutes on 2 cores)")
+    p.add_argument("--micro", action="store_true", help=argparse.SUPPRESS)   # the test suite's size
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run these experiments only")
+    p.add_argument("--out", default=os.path.join("runs", "reproduce"), help="output directory")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads")
     sub.add_parser("info", help="versions, distributed backends and data sources")
     return parser
 
@@ -264,6 +270,9 @@ def cmd_train(args, parser) -> int:
 def cmd_compare(args, parser) -> int:
     from .report import write_report
     values = resolve(args, quick=args.quick)
+    if args.eval_every is None and not values["eval_every"]:
+        # about 20 evaluations per run: the report's time to target needs them
+        values["eval_every"] = max(1, values["steps"] // 20)
     out = args.out or os.path.join("runs", f"compare-{args.task}")
     runs = {}
     start = time.perf_counter()
@@ -298,6 +307,22 @@ def cmd_compare(args, parser) -> int:
                         + (" --quick" if args.quick else ""), notes)
     print(open(path, encoding="utf-8").read().split("\n\n![")[0])
     print(f"\nreport: {path}")
+    return 0
+
+
+def cmd_reproduce(args, parser) -> int:
+    import torch
+
+    from .reproduce import EXPERIMENTS, reproduce
+    unknown = [n for n in args.only or () if n not in EXPERIMENTS]
+    if unknown:
+        parser.error(f"--only: unknown experiment(s) {', '.join(unknown)}; choose from "
+                     f"{', '.join(EXPERIMENTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = "micro" if args.micro else "quick" if args.quick else "full"
+    path = reproduce(args.only, mode, args.out, progress=logging.getLogger("xbt.reproduce").info)
+    print(f"report: {path}")
     return 0
 
 
@@ -368,7 +393,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    command = {"train": cmd_train, "compare": cmd_compare, "info": cmd_info}[args.command]
+    command = {"train": cmd_train, "compare": cmd_compare, "reproduce": cmd_reproduce,
+               "info": cmd_info}[args.command]
     try:
         return command(args, parser)
     except TaskUnavailable as error:

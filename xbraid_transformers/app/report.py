@@ -22,17 +22,42 @@ def _fmt(x, digits=4) -> str:
     return str(x)
 
 
+#: A run reaches the target when its evaluation loss is at most this factor times the serial
+#: run's final evaluation loss.
+TARGET_FACTOR = 1.01
+
+
+def target_loss(runs: Dict[str, dict]) -> Optional[float]:
+    """``TARGET_FACTOR`` times the serial run's final evaluation loss (None without one)."""
+    final = runs.get("serial", {}).get("final_eval_loss")
+    return None if final is None or not math.isfinite(final) else TARGET_FACTOR * final
+
+
+def time_to_target(summary: dict, target: Optional[float]) -> Optional[float]:
+    """Virtual seconds of training until the run's first evaluation at or below ``target``
+    (the periodic evaluations of its history, then its final one); None: never."""
+    if target is None:
+        return None
+    evals = [(r["eval_loss"], r.get("virtual_time")) for r in summary.get("history", [])
+             if r.get("eval_loss") is not None]
+    evals.append((summary.get("final_eval_loss"), summary.get("virtual_seconds")))
+    return next((t for loss, t in evals if loss is not None and loss <= target), None)
+
+
 def table(runs: Dict[str, dict]) -> str:
-    """The Markdown table of the runs' final losses, times and switch step."""
+    """The Markdown table of the runs' final losses, times, time to target and switch step."""
+    target = target_loss(runs)
     lines = ["| run | final train loss | final eval loss (exact network) | wall s/step "
-             "| virtual s/step | switch batch | status |",
-             "|---|---|---|---|---|---|---|"]
+             "| virtual s/step | virtual s to target | switch batch | status |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in runs.items():
         switch = s.get("switch_step")
         status = f"diverged ({s['diverged']})" if s.get("diverged") else "finished"
+        reached = time_to_target(s, target)
         lines.append(f"| {name} | {_fmt(s.get('final_loss'))} | {_fmt(s.get('final_eval_loss'))} "
                      f"| {_fmt(s.get('seconds_per_step'), 3)} "
                      f"| {_fmt(s.get('virtual_seconds_per_step'), 3)} "
+                     f"| {'never' if reached is None else _fmt(reached, 3)} "
                      f"| {'-' if switch is None else switch} | {status} |")
     return "\n".join(lines)
 
@@ -135,6 +160,11 @@ def write_report(out_dir: str, runs: Dict[str, dict], threshold: float, title: s
                          f"{decision['reason']}.")
         elif name == "adaptive":
             lines.append(f"- **{name}** never switched (rho stayed at or below {threshold:g}).")
+    target = target_loss(runs)
+    if target is not None:
+        lines.append(f"- virtual s to target: virtual training time until the first evaluation "
+                     f"with eval loss <= {TARGET_FACTOR:g} x the serial run's final eval loss "
+                     f"= {target:.4f} (never: not within the run)")
     lines += [f"- {note}" for note in (notes or [])]
     lines += ["", "![training loss](loss.png)", "", "![convergence factor](rho.png)", "",
               "![residual histories](residuals.png)", ""]

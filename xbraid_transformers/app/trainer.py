@@ -33,7 +33,8 @@ import torch
 
 from ..control import AdaptiveController, ControlConfig
 from ..core.layer_parallel import LayerParallel, find_stacks
-from ..distributed import clip_grad_norm_, gather_named, gather_optimizer_state, gather_state_dict, load_optimizer_state
+from ..distributed import (clip_grad_norm_, gather_named, gather_optimizer_state, gather_state_dict,
+                           load_optimizer_state)
 from ..mgrit.comm import SERIAL, Communicator
 from ..mgrit.solver import MGRITDivergenceError
 from ..multilevel import MultilevelConfig, MultilevelStepper

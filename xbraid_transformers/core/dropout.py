@@ -31,11 +31,14 @@ class DropoutSync:
     ``next_micro_batch()`` is called once per forward call in training mode and returns the key
     that all evaluations belonging to that call use. ``seed`` must be equal on every process
     that evaluates layers of the same model (the default takes ``torch.initial_seed()``).
+    ``synchronised = False`` is the ablation: every evaluation draws fresh masks from the
+    global generator (MGRIT then solves a different problem at every sweep; one process only).
     """
 
     def __init__(self, seed: int | None = None):
         self.seed = torch.initial_seed() if seed is None else int(seed)
         self.micro_batch = 0
+        self.synchronised = True
         self._forked = False
 
     def next_micro_batch(self) -> int:
@@ -48,7 +51,7 @@ class DropoutSync:
         """Around one forward call: the caller's random state is saved once and restored at the
         end, so the layer evaluations inside only reseed (cheap) instead of saving and
         restoring it each time."""
-        if not active or self._forked:
+        if not active or self._forked or not self.synchronised:
             yield
             return
         cuda = device.type == "cuda"
@@ -62,7 +65,7 @@ class DropoutSync:
     @contextlib.contextmanager
     def scope(self, layer: int, micro_batch: int | None, device: torch.device):
         """Run the body with the random state of (layer, micro_batch); no-op when None."""
-        if micro_batch is None:
+        if micro_batch is None or not self.synchronised:
             yield
             return
         with self.call_scope(True, device):

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LayerParallelTransformerEncoder
-from .common import LayerParallelModel, ParallelConfig, deepnet_gain, init_weights_, scale_residual_branches_
+from .common import (LayerParallelModel, ParallelConfig, deepnet_gain, init_weights_,
+                     scale_residual_branches_)
 
 
 @dataclass

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import SampledTask, TaskConfig, load_data, parallel_config, replicated_from_rank0, token_rows
+from .base import (SampledTask, TaskConfig, load_data, parallel_config, replicated_from_rank0,
+                   token_rows)
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 

@@ -1,0 +1,116 @@
+"""Buffer layers for GPT: serial layers of step 1 around the ODE, and which layers' Lipschitz
+constants grow first during serial training."""
+from __future__ import annotations
+
+from ...diagnostics import layer_lipschitz
+from ...mgrit.config import MGRITConfig
+from .base import (CONFIRMED, CONTRADICTED, Experiment, Verdict, batch, eval_loss, fmt, make_gpt,
+                   markdown, pyplot, text_data, train)
+
+COMMON = dict(d_model=32, heads=4, seq_len=32, batch_size=8, lr=2e-3, seed=0, vocab=64, buffers=2)
+SETTINGS = {
+    "micro": dict(COMMON, layers=8, train_steps=4, checkpoints=2, eval_batches=1, lipschitz_iters=5,
+                  source="synthetic"),
+    "quick": dict(COMMON, layers=16, train_steps=300, checkpoints=3, eval_batches=4,
+                  lipschitz_iters=20, source="shakespeare"),
+    "full": dict(COMMON, d_model=64, layers=32, train_steps=2000, checkpoints=5, eval_batches=8,
+                 lipschitz_iters=30, source="shakespeare"),
+}
+MGRIT = MGRITConfig(levels=2, cfactor=4, relax="F", fwd_iters=1, bwd_iters=1)
+
+
+def _lipschitz(model, data, s):
+    """Per-layer estimates of the step map at the serial forward's states."""
+    idx, _ = batch(data, s, 999_999)
+    x = model.tok(idx) + model.pos.weight[: idx.shape[1]]
+    return layer_lipschitz(model.blocks, x, is_causal=True, of="step", iters=s["lipschitz_iters"])
+
+
+def run(s: dict, progress) -> dict:
+    data, used = text_data(s["source"], s["vocab"], s["seed"])
+    b, n = s["buffers"], s["layers"]
+    lipschitz = []
+    model = make_gpt(s, data.vocab_size, mgrit=MGRIT)
+    lipschitz.append({"step": 0, "values": _lipschitz(model, data, s)})
+
+    def checkpoint(step, loss):
+        lipschitz.append({"step": step + 1, "values": _lipschitz(model, data, s)})
+        progress(f"buffers: Lipschitz estimates at serial step {step + 1}")
+
+    train(model.serial(), data, s, s["train_steps"], every=max(1, s["train_steps"] // s["checkpoints"]),
+          on_step=checkpoint)
+    # the paper's GPT (b serial layers + n ODE layers + b serial layers) against n + 2b ODE layers;
+    # each trained serially and layer-parallel from one initialisation
+    runs = {}
+    for name, buffers in (("no buffers", (0, 0)), (f"{b} + {n} + {b}", (b, b))):
+        for mode in ("serial", "parallel"):
+            model = make_gpt(s, data.vocab_size, layers=n + 2 * b, buffer_layers=buffers, mgrit=MGRIT)
+            model.serial() if mode == "serial" else model.layer_parallel()
+            train(model, data, s, s["train_steps"])
+            runs.setdefault(name, {})[mode] = eval_loss(model, data, s, s["eval_batches"])
+            progress(f"buffers: {name}, {mode} done")
+    return {"data": used, "settings": s, "eval_loss": runs, "lipschitz": lipschitz}
+
+
+def _growth(result):
+    """Mean growth (last / first estimate) of the end layers and of the middle layers."""
+    first, last = result["lipschitz"][0]["values"], result["lipschitz"][-1]["values"]
+    b = result["settings"]["buffers"]
+    growth = [l1 / l0 for l0, l1 in zip(first, last)]
+    ends = growth[:b] + growth[-b:]
+    middle = growth[b:-b]
+    return sum(ends) / len(ends), sum(middle) / len(middle)
+
+
+def tables(result: dict) -> str:
+    s = result["settings"]
+    rows = [[name, r["serial"], r["parallel"], r["parallel"] - r["serial"]]
+            for name, r in result["eval_loss"].items()]
+    lip = [[c["step"], *c["values"]] for c in result["lipschitz"]]
+    ends, middle = _growth(result)
+    return "\n\n".join([
+        f"GPT, {s['layers'] + 2 * s['buffers']} layers in all, {s['train_steps']} steps from one "
+        f"initialisation per row; layer-parallel: MGRIT 2 levels, cfactor 4, F-relaxation, 1 "
+        f"forward / 1 backward iteration; data: {result['data']}:",
+        markdown(["layers", "serial eval loss", "layer-parallel eval loss", "gap"], rows),
+        f"Lipschitz estimates of each layer's step map over serial training ({s['layers']} layers; "
+        f"growth of the {s['buffers']} + {s['buffers']} end layers {fmt(ends)}x, of the middle "
+        f"{fmt(middle)}x):",
+        markdown(["step", *[f"L{i}" for i in range(len(lip[0]) - 1)]], lip)])
+
+
+def plot(result: dict, path: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for c in result["lipschitz"]:
+        ax.plot(range(len(c["values"])), c["values"], marker="o", ms=3, label=f"step {c['step']}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("Lipschitz estimate of the step map")
+    ax.legend(fontsize=7)
+    ax.set_title("Per-layer Lipschitz constants over serial training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def verdict(result: dict) -> Verdict:
+    gaps = {name: r["parallel"] - r["serial"] for name, r in result["eval_loss"].items()}
+    (none_name, none), (buf_name, buf) = gaps.items()
+    ends, middle = _growth(result)
+    checks = {"buffers shrink the gap": buf < none, "end layers grow first": ends > middle}
+    return Verdict(CONFIRMED if all(checks.values()) else CONTRADICTED,
+                   "confirmed when the eval-loss gap between layer-parallel and serial training is "
+                   "smaller with buffer layers than without, and the end layers' Lipschitz "
+                   "estimates grow more than the middle's",
+                   f"gap {none_name} {fmt(none)}, {buf_name} {fmt(buf)}; growth ends {fmt(ends)}x, "
+                   f"middle {fmt(middle)}x; "
+                   + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in checks.items()))
+
+
+EXPERIMENT = Experiment(
+    name="buffers", title="Buffer layers (GPT)",
+    claim="Layer-parallel paper, Sec. 3.3 and Fig. 10: per-layer Lipschitz constants grow first "
+          "in the last layers, then the first, while the middle stays tame; running the first and "
+          "last layers serially (GPT 2 + 16 + 2) shrinks the gap between layer-parallel and "
+          "serial training markedly.",
+    settings=SETTINGS, run=run, tables=tables, plot=plot, verdict=verdict)
