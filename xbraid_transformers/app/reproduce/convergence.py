@@ -90,8 +90,8 @@ def tables(result: dict) -> str:
         f"rho at initialisation and after serial training (GPT, {s['layers']} layers, d_model "
         f"{s['d_model']}, {s['iters']} iterations without skip, rho of the last one; data: "
         f"{result['data']}):", main,
-        "step size at initialisation ({} levels, cfactor {}, {}-relaxation):".format(*s["options"][0]), markdown(["h", "rho forward", "rho backward"],
-                                                                   step_rows),
+        "step size at initialisation ({} levels, cfactor {}, {}-relaxation):".format(*s["options"][0]),
+        markdown(["h", "rho forward", "rho backward"], step_rows),
         "depth at initialisation:", markdown(["layers", "rho forward", "rho backward"], depth)])
 
 
