@@ -1,5 +1,6 @@
 """Layer-parallel training of deep transformers with MGRIT."""
-from . import mgrit, multilevel, perf
+from . import adapters, mgrit, multilevel, perf
+from .adapters import make_layer_parallel, restore_blocks
 from .control import AdaptiveController, ControlConfig
 from .core.layer_parallel import LayerParallel, SolveStats, find_stacks
 from .distributed import (SpawnError, broadcast_replicated_, clip_grad_norm_,
@@ -16,5 +17,6 @@ __all__ = [
     "AdaptiveController", "ControlConfig",
     "init_distributed", "spawn", "SpawnError", "gather_state_dict", "broadcast_replicated_",
     "gather_optimizer_state", "load_optimizer_state", "clip_grad_norm_", "layer_data_groups",
-    "mgrit", "multilevel", "perf", "__version__",
+    "make_layer_parallel", "restore_blocks",
+    "adapters", "mgrit", "multilevel", "perf", "__version__",
 ]

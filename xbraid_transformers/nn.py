@@ -139,7 +139,9 @@ class ODEStack(nn.Module):
         return ([(layer, 1.0) for layer in self.front] + [(layer, h) for layer in self.stack.layers]
                 + [(layer, 1.0) for layer in self.back])
 
-    def _propagate(self, x: torch.Tensor, ctx: Optional[dict] = None, **kwargs) -> torch.Tensor:
+    def propagate(self, x: torch.Tensor, ctx: Optional[dict] = None, **kwargs) -> torch.Tensor:
+        """The state through the front buffers, the ODE layers and the back buffers; ``ctx``
+        (and ``kwargs``) reach every layer evaluation."""
         ctx = dict(ctx or {}, **kwargs)
         for layer in self.front:
             x = x + self.rhs(layer, x, **ctx)
@@ -200,7 +202,7 @@ class LayerParallelTransformerEncoder(_TorchLayerStack):
     def forward(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 src_key_padding_mask: Optional[torch.Tensor] = None,
                 is_causal: Optional[bool] = None) -> torch.Tensor:
-        return self._output(self._propagate(*self.state_and_context(src, mask, src_key_padding_mask,
+        return self._output(self.propagate(*self.state_and_context(src, mask, src_key_padding_mask,
                                                           is_causal)))
 
     def state_and_context(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
@@ -230,7 +232,7 @@ class LayerParallelTransformerDecoder(_TorchLayerStack):
                 memory_key_padding_mask: Optional[torch.Tensor] = None,
                 tgt_is_causal: Optional[bool] = None,
                 memory_is_causal: bool = False) -> torch.Tensor:
-        return self._output(self._propagate(*self.state_and_context(
+        return self._output(self.propagate(*self.state_and_context(
             tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
             tgt_is_causal, memory_is_causal)))
 
@@ -310,7 +312,7 @@ class LayerParallelTransformer(ODEStack):
         z, ctx = self.state_and_context(src, tgt, src_mask, tgt_mask, memory_mask, src_key_padding_mask,
                               tgt_key_padding_mask, memory_key_padding_mask, src_is_causal,
                               tgt_is_causal, memory_is_causal)
-        return self._output(self._propagate(z, **ctx), **ctx)
+        return self._output(self.propagate(z, **ctx), **ctx)
 
     def state_and_context(self, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None,
                 src_key_padding_mask=None, tgt_key_padding_mask=None,

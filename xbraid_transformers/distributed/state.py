@@ -48,6 +48,12 @@ def gather_state_dict(model: nn.Module) -> Optional[dict]:
                         state[prefix + key] = value.cpu()
     if not rank0:
         return None
+    # Modules whose state_dict() gives their layers other keys than their module paths (the
+    # adapters' block lists keep the original model's keys) rename the gathered entries alike.
+    for name, module in model.named_modules():
+        rename = getattr(module, "rename_state_keys", None)
+        if callable(rename):
+            rename(state, f"{name}." if name else "")
     return {k: v for k, v in sorted(state.items(), key=lambda kv: _natural(kv[0]))}
 
 

@@ -1,0 +1,19 @@
+"""Make a user's own Hugging Face or timm model layer-parallel in one call.
+
+    model = GPT2LMHeadModel(config)                       # or Llama, ViT, a timm ViT
+    xbt.make_layer_parallel(model, mgrit=xbt.MGRITConfig(levels=2, cfactor=2))
+    loss = model(input_ids, labels=input_ids).loss        # the model's own forward
+    loss.backward()                                       # the adjoint is an MGRIT solve too
+    xbt.restore_blocks(model).save_pretrained("out")      # plain blocks, original keys
+
+The block list (``transformer.h``, ``model.layers``, ``vit.layers``, ``blocks``) becomes one
+``LayerParallelBlocks`` module: x_{n+1} = x_n + h F_n(x_n) with F_n(x) = block_n(x) - x, solved
+by MGRIT or serially (``set_parallel``). See docs/adapters.md. transformers and timm are
+optional: nothing here imports them.
+"""
+from ._blocks import LayerParallelBlocks
+from ._registry import Family, post_norm_reason
+from ._wrap import FAMILIES, make_layer_parallel, restore_blocks, set_parallel, wrapped_blocks
+
+__all__ = ["make_layer_parallel", "restore_blocks", "set_parallel", "wrapped_blocks",
+           "LayerParallelBlocks", "Family", "FAMILIES", "post_norm_reason"]
