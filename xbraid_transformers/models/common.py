@@ -25,7 +25,7 @@ class ParallelConfig:
     dropout_seed: seed of the synchronised dropout masks (None: ``torch.initial_seed()``).
     """
 
-    mgrit: MGRITConfig = field(default_factory=lambda: MGRITConfig(levels=2, cfactor=2))
+    mgrit: MGRITConfig = field(default_factory=MGRITConfig)   # the library's defaults
     final_time: float = 1.0
     buffer_layers: Tuple[int, int] = (0, 0)
     deepnet_init: bool = False
