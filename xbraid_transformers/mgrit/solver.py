@@ -23,8 +23,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .comm import SERIAL, Communicator
 from .config import MGRITConfig
+from .comm import SERIAL, Communicator
 
 Step = Callable[[torch.Tensor, int, float], torch.Tensor]
 
@@ -74,7 +74,7 @@ class _Level:
 
 
 class _Solver:
-    def __init__(self, step: Step, u0, num_steps, step_size, config: MGRITConfig, comm: Communicator,
+    def __init__(self, step: Step, num_steps, step_size, config: MGRITConfig, comm: Communicator,
                  block, final_step: Optional[Step]):
         self.step, self.final_step = step, final_step
         self.config, self.comm = config, comm
@@ -162,7 +162,14 @@ class _Solver:
 
     # ----------------------------------------------------------------- cycles
     def cycle(self, l: int, kind: str, skip: bool, on_residual) -> None:
-        """One cycle from level l; the fine-level residual norm goes to ``on_residual``."""
+        """One cycle from level l; the fine-level residual norm goes to ``on_residual``.
+
+        It returns level l with corrected C-points and stale F-points. As in XBraid, the
+        F-relaxation that renews them belongs to whoever reads them next: the interpolation
+        to level l-1 (``interpolate``), or the next relaxation or final sweep, which start with
+        one. F-relaxing here as well would spend a sweep whose values are recomputed from the
+        same C-points before anyone reads them.
+        """
         level = self.levels[l]
         if l == len(self.levels) - 1:
             self.serial_solve(level)
@@ -175,17 +182,26 @@ class _Solver:
         self.cycle(l + 1, kind, skip, on_residual)
         if kind == "F":
             self.cycle(l + 1, "V", False, on_residual)
+        self.interpolate(l)
+
+    def interpolate(self, l: int) -> None:
+        """XBraid's up-cycle step from level l+1 to level l: F-relax level l+1, whose points
+        are level l's C-points, then correct those C-points. The coarsest level needs no
+        F-relaxation (its serial solve set every point)."""
+        coarse = self.levels[l + 1]
+        if coarse.m is not None:
+            self.f_relax(coarse)
         self.correct(l)
-        self.f_relax(level)
 
     def final_sweep(self):
+        """XBraid's final F-then-C sweep on the finest level: it renews the F-points the last
+        cycle left stale and evaluates every fine step exactly once (with ``final_step``)."""
         level = self.levels[0]
         if len(self.levels) == 1:
             self.serial_solve(level, self.final_step)
         else:
             self.f_relax(level, self.final_step)
             self.c_relax(level, self.final_step)
-
 
 
 def _initial_states(u0, lo, hi, guess, initial_states):
@@ -222,7 +238,8 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
     initial_states: the states to start from (warm start); their first entry is replaced by u0.
         A warm start never skips the first down-cycle (that would discard the C-point values).
     callback: ``callback(k, states)`` after iteration k with the fine states (before the final
-        sweep).
+        sweep), their F-points relaxed from the C-points: one more fine F-sweep per iteration,
+        with a ghost exchange, so under ``comm`` every rank must pass a callback or none.
     final_step: step function for the final F-then-C sweep on the finest level (default
         ``step``); every fine step is evaluated exactly once in that sweep.
     comm, block: distribution (see the module docstring); by default a single process owns
@@ -244,7 +261,7 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
         raise MGRITDivergenceError("the initial value u0 contains NaN or Inf")
     max_iters = config.fwd_iters if max_iters is None else max_iters
 
-    solver = _Solver(step, u0, num_steps, step_size, config, comm, (lo, hi), final_step)
+    solver = _Solver(step, num_steps, step_size, config, comm, (lo, hi), final_step)
     fine = solver.levels[0]
     fine.u = _initial_states(u0, lo, hi, config.initial_guess, initial_states)
     fine.g = [None] * len(fine.u)
@@ -268,6 +285,11 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
             solver.cycle(0, config.cycle, skip, on_residual)
             result.iterations = k + 1
             if callback is not None:
+                # The cycle leaves the fine F-points stale; the caller sees them F-relaxed from
+                # the current C-points, at the price of one fine F-sweep per iteration (what
+                # XBraid spends for its per-iteration access). Nothing else changes: the next
+                # relaxation or the final sweep recomputes the same values.
+                solver.f_relax(fine)
                 callback(k + 1, list(fine.u))
             if result.converged:
                 break
