@@ -115,6 +115,26 @@ class ODEStack(nn.Module):
     def stats(self):
         return self.stack.stats
 
+    # The inner stack's switches, readable and settable on the drop-in itself: an attribute set
+    # here must reach the stack, or ``enc.retain_graph = True`` would silently do nothing.
+    @property
+    def retain_graph(self) -> bool:
+        """Keep the per-layer graphs after a backward (see ``LayerParallel``)."""
+        return self.stack.retain_graph
+
+    @retain_graph.setter
+    def retain_graph(self, value: bool) -> None:
+        self.stack.retain_graph = bool(value)
+
+    @property
+    def check_inputs(self) -> bool:
+        """Check that every rank passes the same input values (see ``LayerParallel``)."""
+        return self.stack.check_inputs
+
+    @check_inputs.setter
+    def check_inputs(self, value: bool) -> None:
+        self.stack.check_inputs = bool(value)
+
     def serial(self):
         self.stack.serial()
         return self

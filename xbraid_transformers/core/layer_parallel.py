@@ -25,7 +25,7 @@ from ..mgrit.comm_backends import as_communicator
 from ..mgrit.config import MGRITConfig
 from .counts import StepCounts
 from .dropout import DropoutSync
-from .ownership import RemoteLayer, check_agreement, config_key, layer_key, partition_layers
+from .ownership import RemoteLayer, check_agreement, config_key, content_checksum, layer_key, partition_layers
 
 Rhs = Callable[..., torch.Tensor]
 
@@ -90,12 +90,20 @@ class LayerParallel(nn.Module):
     ``RemoteLayer`` placeholders without parameters. Every rank builds the same module and
     calls it with the same input; the output and the input gradient are the same on every
     rank. Serial mode relays the state along the ranks.
+
+    check_inputs: with several ranks, every forward call checks that the ranks pass the same
+    input (and keyword tensors) by a content checksum carried in the agreement collective that
+    every call makes anyway; different data on different ranks is then a ``ValueError`` naming
+    the ranks, not rank 0's answer everywhere. Its cost is two integer sums over the input per
+    call; ``check_inputs=False`` (or setting the attribute) leaves only the shape check.
     """
 
     def __init__(self, layers: Sequence[nn.Module], rhs: Optional[Rhs] = None,
                  step_size: Optional[float] = None, mgrit: Optional[MGRITConfig] = None,
-                 dropout_seed: Optional[int] = None, comm=None, partition=None):
+                 dropout_seed: Optional[int] = None, comm=None, partition=None,
+                 check_inputs: bool = True):
         super().__init__()
+        self.check_inputs = bool(check_inputs)
         self.layers = layers if isinstance(layers, nn.ModuleList) else nn.ModuleList(layers)
         num_layers = len(self.layers)
         if num_layers == 0:
@@ -286,11 +294,20 @@ class LayerParallel(nn.Module):
     def _check_call(self, x, ctx, micro_batch, run, needs_grad) -> bool:
         """Every rank must make the same call; returns whether any rank needs gradients."""
         ctx_key = sorted((k, tuple(v.shape) if torch.is_tensor(v) else repr(v)) for k, v in ctx.items())
-        check_agreement(self.comm, {
+        fields = {
             "the mode": (self.parallel, self.training, micro_batch, len(self.layers)),
             "the MGRIT options": config_key(self.mgrit),
             "the input": (tuple(x.shape), str(x.dtype)),
-            "the keyword arguments": (ctx_key, run.grad_ctx)}, "in a forward call")
+            "the keyword arguments": (ctx_key, run.grad_ctx)}
+        if self.check_inputs:    # same shapes but different data would give rank 0's answer everywhere
+            fields["the input values"] = content_checksum(x)
+            fields["the keyword tensors' values"] = [(k, content_checksum(v)) for k, v in sorted(ctx.items())
+                                                     if torch.is_tensor(v)]
+        check_agreement(self.comm, fields, "in a forward call",
+                        hint="every rank of a layer-parallel group must make the same call with the "
+                             "same input (the same batch; data parallelism splits the batch between "
+                             "groups, not within one); LayerParallel(check_inputs=False) skips the "
+                             "check of the values")
         return self.comm.allreduce_sum(float(needs_grad)) > 0
 
     def _initial_states(self, kind: str, like: torch.Tensor,

@@ -11,7 +11,7 @@ full state dict is loaded (so a checkpoint loads into any number of ranks).
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -87,23 +87,48 @@ def fingerprint(value) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def check_agreement(comm, fields: Dict[str, object], what: str) -> List[List[int]]:
+def content_checksum(tensor: torch.Tensor) -> Tuple[int, int]:
+    """A cheap checksum of a tensor's bits, equal on every process for bitwise-equal tensors.
+
+    The elements are read as integers of their own width and summed twice, plainly and weighted
+    by position (int64 arithmetic, wrapping, so the sums are exact and independent of the order
+    of reduction): a change of any element, or two elements swapped, changes the result. Two
+    passes over the tensor on its own device, one synchronisation."""
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype.is_complex:
+        flat = torch.view_as_real(flat).reshape(-1)
+    width = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    bits = flat.view(width).to(torch.int64) if flat.dtype != torch.bool else flat.to(torch.int64)
+    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64)
+    plain, weighted = torch.stack([bits.sum(), (bits * weights).sum()]).tolist()
+    return plain, weighted
+
+
+def check_agreement(comm, fields: Dict[str, object], what: str, hint: Optional[str] = None) -> List[List[int]]:
     """All-gather the fingerprints of ``fields`` and raise ``ValueError`` on every rank when the
-    ranks disagree. Returns the gathered table (one row per rank)."""
+    ranks disagree; the message names, for each field that differs, which ranks agree with which.
+    hint: what to do about it (default: build the same model, call it with the same shapes and
+    options). Returns the gathered table (one row per rank)."""
     names = list(fields)
     mine = torch.tensor([fingerprint(fields[n]) for n in names], dtype=torch.int64,
                         device=comm.device)
     rows = [row.tolist() for row in comm.allgather(mine)]
-    differ = [n for i, n in enumerate(names) if len({row[i] for row in rows}) > 1]
+    differ = [i for i in range(len(names)) if len({row[i] for row in rows}) > 1]
     if differ:
-        groups: Dict[int, List[int]] = {}
-        for r, row in enumerate(rows):
-            groups.setdefault(fingerprint(row), []).append(r)
+        parts = []
+        for i in differ:
+            groups: Dict[int, List[int]] = {}
+            for r, row in enumerate(rows):
+                groups.setdefault(row[i], []).append(r)
+            parts.append(f"{names[i]}: " + " vs ".join(f"rank{'s' if len(g) > 1 else ''} "
+                                                       f"{', '.join(map(str, g))}"
+                                                       for g in groups.values()))
         raise ValueError(
-            f"the {comm.size} ranks of the layer-parallel group disagree on {', '.join(differ)} "
-            f"{what} (ranks grouped by agreement: {list(groups.values())}; this is rank "
-            f"{comm.rank} with {', '.join(f'{n}={fields[n]!r}' for n in differ)}); every rank "
-            "must build the same model and call it with the same shapes and options")
+            f"the {comm.size} ranks of the layer-parallel group disagree on "
+            f"{', '.join(names[i] for i in differ)} {what} ({'; '.join(parts)}; this is rank "
+            f"{comm.rank} with {', '.join(f'{names[i]}={fields[names[i]]!r}' for i in differ)}); "
+            + (hint or "every rank must build the same model and call it with the same shapes "
+                       "and options"))
     return rows
 
 

@@ -156,4 +156,13 @@ class TokenData:
         if meta is None:
             raise FileNotFoundError(f"{directory}: no meta.json (not a prepared token cache)")
         splits = {s: load_tokens(directory / f"{s}.bin") for s in meta["splits"]}
-        return cls(splits, tokenizer=tokenizer, vocab_size=meta.get("vocab_size"), directory=directory)
+        vocab_size = meta.get("vocab_size")
+        for s, ids in splits.items():
+            # one pass over each file: damaged bytes become a clear error here, not an
+            # IndexError in an embedding at some later step
+            top = int(ids.max()) if len(ids) else -1
+            if vocab_size is not None and top >= vocab_size:
+                raise ValueError(f"{directory / f'{s}.bin'}: token id {top} is outside the vocabulary "
+                                 f"of {vocab_size}: the token cache is damaged; delete {directory} "
+                                 f"to rebuild it")
+        return cls(splits, tokenizer=tokenizer, vocab_size=vocab_size, directory=directory)

@@ -294,8 +294,14 @@ def prepare_translation(name: str, pairs: Callable[[], Sequence[Tuple[str, str]]
     meta = read_meta(d)
     if meta is not None and tok_path.exists():
         tok = load_tokenizer(tok_path)
-        return TranslationData({s: (load_ragged(d / f"{s}.src"), load_ragged(d / f"{s}.tgt"))
-                                for s in meta["splits"]}, tok, d)
+        splits = {s: (load_ragged(d / f"{s}.src"), load_ragged(d / f"{s}.tgt")) for s in meta["splits"]}
+        for s, sides in splits.items():
+            for side, seqs in zip(("src", "tgt"), sides):
+                top = max((int(seq.max()) for seq in seqs if len(seq)), default=-1)
+                if top >= tok.vocab_size:   # random bytes in the cache: a clear error, not IndexError
+                    raise ValueError(f"{d / f'{s}.{side}.bin'}: token id {top} is outside the vocabulary "
+                                     f"of {tok.vocab_size}: the cache is damaged; delete {d} to rebuild it")
+        return TranslationData(splits, tok, d)
     ps = pairs()
     specials = BPE_SPECIALS if tokenizer == "bpe" else None
     tok = cached_tokenizer(tok_path, tokenizer, lambda: (t for p in ps for t in p), vocab_size, specials)
@@ -325,9 +331,25 @@ def tsv_translation(path: PathLike, tokenizer: str = "bpe", vocab_size: int = 80
                     root: Optional[PathLike] = None) -> TranslationData:
     """A user's TSV of sentence pairs, prepared like :func:`kjv_rv_translation`."""
     p = Path(path)
-    read_tsv_pairs(p)  # clear error early
+    check_enough_pairs(p, len(read_tsv_pairs(p)), fractions, seed)  # clear errors early
     return prepare_translation("tsv", lambda: read_tsv_pairs(p), [p], tokenizer, vocab_size, max_len,
                                fractions, seed, root)
+
+
+def check_enough_pairs(path: PathLike, count: int, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                       seed: int = 0) -> None:
+    """Raise ``ValueError`` when ``count`` pairs leave the train or validation split empty (a
+    task draws batches from both), naming the smallest count that would do."""
+    def empty(n: int) -> List[str]:
+        parts = split_indices(n, fractions, seed)
+        return [k for k in ("train", "val") if k in parts and len(parts[k]) == 0]
+    missing = empty(count)
+    if not missing:
+        return
+    enough = next((n for n in range(count + 1, 10_000) if not empty(n)), None)
+    raise ValueError(f"{path}: {count} sentence pair{'s' if count != 1 else ''} are too few: split "
+                     f"{tuple(fractions)} into train/val/test, the {' and '.join(missing)} split "
+                     f"would be empty" + (f"; give at least {enough} pairs" if enough else ""))
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:

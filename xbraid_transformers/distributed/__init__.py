@@ -1,8 +1,8 @@
 """Distribution: starting processes (``launch``) and model state across ranks (``state``)."""
-from .launch import SpawnError, detect_launcher, init_distributed, layer_data_groups, spawn
+from .launch import SpawnError, SpawnInterrupted, detect_launcher, init_distributed, layer_data_groups, spawn
 from .state import (broadcast_replicated_, clip_grad_norm_, gather_named, gather_optimizer_state,
                     gather_state_dict, layer_comm, load_optimizer_state)
 
-__all__ = ["SpawnError", "detect_launcher", "init_distributed", "layer_data_groups", "spawn",
+__all__ = ["SpawnError", "SpawnInterrupted", "detect_launcher", "init_distributed", "layer_data_groups", "spawn",
            "broadcast_replicated_", "clip_grad_norm_", "gather_named", "gather_optimizer_state",
            "gather_state_dict", "layer_comm", "load_optimizer_state"]

@@ -4,18 +4,31 @@
   (OpenMPI ``OMPI_COMM_WORLD_*``, MPICH/Hydra ``PMI_RANK``/``PMI_SIZE``, Slurm
   ``SLURM_PROCID``/``SLURM_NTASKS`` with mpi4py) or a single process; returns the world
   ``Communicator``.
-- ``spawn(fn, nprocs, *args)``: ``nprocs`` gloo processes on this machine (free port), each
-  calling ``fn(comm, *args)``; returns their results, or raises ``SpawnError`` naming the rank
-  that failed. Used by the tests and by ``xbt ... --nprocs``.
+- ``spawn(fn, nprocs, *args)``: ``nprocs`` gloo processes on this machine, each calling
+  ``fn(comm, *args)``; returns their results, or raises ``SpawnError`` naming the rank that
+  failed. Used by the tests and by ``xbt ... --nprocs``. The workers die with their parent
+  (even when it is killed with SIGKILL); SIGTERM or SIGHUP to the parent stops them and raises
+  ``SpawnInterrupted``. They meet through a file in a private temporary directory and talk over
+  the loopback interface only: nothing listens on the network.
+
+Under mpiexec an unhandled exception aborts the whole MPI job (so a rank that hangs cannot keep
+it alive), and a process group that ``init_distributed`` created is destroyed at exit.
 - ``layer_data_groups(layer_size)``: the sub-groups of layer x data parallelism.
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import io
 import multiprocessing as mp
 import os
 import queue
+import shutil
+import signal
 import socket
+import sys
+import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -29,6 +42,15 @@ from ..mgrit.comm_backends import MPIComm, TorchComm, default_timeout
 
 class SpawnError(RuntimeError):
     """A spawned process failed, or the processes did not finish in time."""
+
+
+class SpawnInterrupted(SpawnError):
+    """The parent of spawned processes received SIGTERM or SIGHUP; the workers were stopped.
+    ``signum`` is the signal (a command exits with ``128 + signum``, as a shell reports it)."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(f"received {signal.Signals(signum).name}: the spawned processes were stopped")
 
 
 def detect_launcher() -> str:
@@ -60,12 +82,15 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[float] = N
         return SERIAL
     if launcher == "mpi" and backend in (None, "mpi"):
         try:
-            return MPIComm(timeout=timeout)
+            comm = MPIComm(timeout=timeout)
         except ImportError as error:
             raise RuntimeError("started by mpiexec/srun but mpi4py is not installed: "
                                "pip install mpi4py (or launch with torchrun)") from error
+        _abort_mpi_on_unhandled_error()
+        return comm
     if launcher == "mpi":
         _torch_env_from_mpi()
+        _abort_mpi_on_unhandled_error()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -75,7 +100,48 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[float] = N
     dist.init_process_group(backend, rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]),
                             timeout=timedelta(seconds=timeout))
+    _destroy_at_exit(dist.group.WORLD)
     return TorchComm(timeout=timeout)
+
+
+def _destroy_at_exit(group) -> None:
+    """Destroy the process group this module created when the interpreter exits (torchrun's
+    recipe never does; NCCL warns of leaked resources and peers may wait on the store). A group
+    the caller destroyed, or replaced by one of its own, is left alone."""
+    import torch.distributed as dist
+
+    def destroy():
+        try:
+            if dist.is_initialized() and dist.group.WORLD is group:
+                dist.destroy_process_group()
+        except Exception:   # exiting anyway: a peer that is already gone is no error here
+            pass
+    atexit.register(destroy)
+
+
+_MPI_ABORT = {"installed": False}
+
+
+def _abort_mpi_on_unhandled_error() -> None:
+    """Make an unhandled exception abort the whole MPI job (as ``python -m mpi4py`` does).
+
+    Otherwise the failing rank prints its error and then blocks in ``MPI_Finalize`` at exit,
+    waiting for ranks that may never get there (one that hangs), and mpiexec never ends. The
+    traceback is printed first; ``MPI_Abort`` then ends every rank with a non-zero code."""
+    if _MPI_ABORT["installed"]:
+        return
+    from mpi4py import MPI
+    previous = sys.excepthook
+
+    def abort(kind, value, tb):
+        try:
+            previous(kind, value, tb)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            MPI.COMM_WORLD.Abort(1)
+    sys.excepthook = abort
+    _MPI_ABORT["installed"] = True
 
 
 def _torch_env_from_mpi() -> None:
@@ -119,12 +185,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, nprocs, port, timeout, threads, fn, args, results):
+def _loopback_interface() -> Optional[str]:
+    """The name of the loopback interface ("lo" on Linux, "lo0" on macOS), if there is one."""
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return None
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A spawned worker must not outlive the process that spawned it: a parent killed with
+    SIGKILL cannot stop its workers, and they would train on unseen. On Linux the kernel sends
+    the worker SIGKILL when its parent dies; everywhere a watchdog thread also notices the
+    parent's death (the worker is re-parented) within half a second."""
+    if sys.platform.startswith("linux"):
+        try:
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):   # no prctl: the watchdog alone
+            pass
+    if os.getppid() != parent_pid:          # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, name="xbt-parent-watchdog", daemon=True).start()
+
+
+def _worker(rank, nprocs, parent_pid, init_method, timeout, threads, fn, args, results):
+    _die_with_parent(parent_pid)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1")
+    loopback = _loopback_interface()
+    if loopback:   # gloo's own sockets: the loopback interface, not the host's address
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback
+    import torch.distributed as dist
     try:
         torch.set_num_threads(threads)
-        comm = init_distributed("gloo", timeout=timeout)
+        # a FileStore in the parent's private directory: no listening socket for the rendezvous
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=nprocs,
+                                timeout=timedelta(seconds=timeout))
+        comm = TorchComm(timeout=timeout)
         value = fn(comm, *args)
         buffer = io.BytesIO()   # plain bytes: shared-memory tensors would die with the process
         torch.save(value, buffer)
@@ -134,7 +238,6 @@ def _worker(rank, nprocs, port, timeout, threads, fn, args, results):
         results.close()
         results.join_thread()   # the message must leave before the process does
         os._exit(1)
-    import torch.distributed as dist
     try:
         dist.destroy_process_group()
     except Exception:
@@ -150,6 +253,10 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args, timeout: Optional[float] =
     whole run's limit (default ``timeout + 120``). When a process fails, the others get
     ``timeout + 2`` seconds to report their own errors before they are terminated; then
     ``SpawnError`` lists every rank's error. threads: torch threads per process.
+
+    The workers never outlive this process: they die with it (also when it is killed), and
+    SIGTERM or SIGHUP received while waiting (in the main thread) terminates them and raises
+    ``SpawnInterrupted``. Their rendezvous is a file in a private temporary directory.
     """
     if not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs must be a positive integer, got {nprocs!r}")
@@ -157,15 +264,18 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args, timeout: Optional[float] =
     join_timeout = timeout + 120 if join_timeout is None else join_timeout
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, nprocs, port, timeout, threads, fn, args, results),
+    rendezvous = tempfile.mkdtemp(prefix="xbt-spawn-")     # mode 0700: this user's only
+    init_method = "file://" + os.path.join(rendezvous, "store")
+    procs = [ctx.Process(target=_worker, args=(r, nprocs, os.getpid(), init_method, timeout, threads,
+                                               fn, args, results),
                          daemon=True) for r in range(nprocs)]
-    for p in procs:
-        p.start()
     outcome: dict = {}
-    deadline = time.monotonic() + join_timeout
-    failed_at = None
+    previous_handlers = _stop_on_signals()
     try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + join_timeout
+        failed_at = None
         while len(outcome) < nprocs:
             now = time.monotonic()
             if now > deadline or (failed_at is not None and now > failed_at + timeout + 2):
@@ -185,11 +295,12 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args, timeout: Optional[float] =
             if len(outcome) + len(silent) == nprocs:
                 break
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(5)
+        # the old handlers first: a second signal during the clean-up then acts as usual, and
+        # the workers still die with this process
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        _stop(procs)
+        shutil.rmtree(rendezvous, ignore_errors=True)
     errors = []
     for r, p in enumerate(procs):
         if r not in outcome:
@@ -201,3 +312,33 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args, timeout: Optional[float] =
     if errors:
         raise SpawnError(f"{len(errors)} of {nprocs} spawned processes failed:\n" + "\n".join(errors))
     return [torch.load(io.BytesIO(outcome[r][1]), weights_only=False) for r in range(nprocs)]
+
+
+def _stop_on_signals() -> dict:
+    """While the parent waits, SIGTERM and SIGHUP raise ``SpawnInterrupted`` (whose clean-up
+    terminates the workers) instead of ending the parent alone. Only the main thread can set
+    handlers; elsewhere the workers still die with the parent. Returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupted(signum, frame):
+        raise SpawnInterrupted(signum)
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            previous[signum] = signal.signal(signum, interrupted)
+    return previous
+
+
+def _stop(procs) -> None:
+    """Terminate the workers still running (SIGTERM), then kill any that linger."""
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        if p.is_alive():
+            p.terminate()
+    for p in started:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)

@@ -18,12 +18,18 @@ from .comm import DEFAULT_TIMEOUT, CommunicationError, Communicator
 
 
 def default_timeout(timeout: Optional[float] = None) -> float:
+    """``timeout`` in seconds, else the environment variable ``XBT_TIMEOUT``, else the default;
+    a value that is not a positive number is a ``ValueError`` naming where it came from."""
     if timeout is not None:
-        value = float(timeout)
+        source, text = "the communication timeout", timeout
     else:
-        value = float(os.environ.get("XBT_TIMEOUT", DEFAULT_TIMEOUT))
-    if not value > 0:
-        raise ValueError(f"the communication timeout must be positive seconds, got {timeout!r}")
+        source, text = "the environment variable XBT_TIMEOUT", os.environ.get("XBT_TIMEOUT", DEFAULT_TIMEOUT)
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0 < value < float("inf"):     # also rejects nan
+        raise ValueError(f"{source} must be a positive, finite number of seconds, got {text!r}")
     return value
 
 

