@@ -12,13 +12,32 @@ the backward solve. When rho exceeds the threshold the controller acts:
 - ``"increase-then-serial"``: increase while below the cap, then switch to serial;
 - ``"monitor"``: measure and log only (for plots of a pure layer-parallel run).
 
+What crosses the threshold is the ``trigger``:
+
+- ``"rho"`` (default): the convergence factor of the probe's final iteration, rho > ``threshold``.
+- ``"gradient"``: the relative error of the production gradient, estimated at the probe:
+  the probe step first runs its micro-batches at the *production* iteration counts (a
+  reference pass, gradient g_k), then again, from the same random state and dropout masks, at
+  the probe counts (g_p, the gradient the optimizer uses, as with the rho trigger). The
+  estimate is e = ||g_k - g_p|| / ||g_p||, and the controller acts when e > ``grad_threshold``.
+  Why: the bias of the training step is g_k - g*, not rho; e estimates ||g_k - g*|| / ||g*||
+  to within ||g_p - g*|| (the triangle inequality), which the probe's extra iterations make
+  small. And e < 1 is what keeps g_k a descent direction (<g_k, g*> >= ||g*|| (||g*|| - ||g_k - g*||)),
+  so a threshold below 1 (default 0.5: an angle under 30 degrees) leaves a margin. rho is
+  still measured and logged at every probe. The cost: one extra pass at the production counts
+  per probe. The optimizer's trajectory is that of the rho trigger until the first switch
+  (with ``warm_start`` the probe pass starts from the reference pass's states instead).
+
 Usage (exactly this order; the trainer in ``train.py`` does it)::
 
     ctl = AdaptiveController(model, probe_every=500, threshold=1.0, action="serial")
     for batch in batches:
         ctl.before_step()                   # sets probe iterations when this step is a probe
-        for micro_batch in batch:           # gradient accumulation: any number of backwards
-            loss(model, micro_batch).backward()
+        again = True
+        while again:                        # twice on a probe of the gradient trigger
+            for micro_batch in batch:       # gradient accumulation: any number of backwards
+                loss(model, micro_batch).backward()
+            again = ctl.after_backward()    # before clipping: the trigger reads raw gradients
         optimizer.step()
         decision = ctl.after_step()         # reads the last solve, restores iterations, acts
         optimizer.zero_grad()
@@ -51,6 +70,7 @@ from .core.layer_parallel import LayerParallel, find_stacks
 logger = logging.getLogger(__name__)
 
 ACTIONS = ("serial", "increase", "increase-then-serial", "monitor")
+TRIGGERS = ("rho", "gradient")
 
 
 @dataclass
@@ -65,6 +85,11 @@ class ControlConfig:
         ``floor * ||states||``.
     probe_iters: iterations of a probe (default: twice the production count, and at least the
         number needed for two residuals).
+    trigger: ``"rho"`` (act when rho > ``threshold``) or ``"gradient"`` (act when the probe's
+        estimate of the production gradient's relative error exceeds ``grad_threshold``; the
+        probe then runs a reference pass at the production counts; see the module docstring).
+        With ``"gradient"``, ``"increase"`` doubles both directions of every module.
+    grad_threshold: the relative gradient error above which the gradient trigger acts.
     """
 
     probe_every: int = 500
@@ -73,6 +98,8 @@ class ControlConfig:
     max_iters: int = 16
     floor: float = 1e-5
     probe_iters: Optional[int] = None
+    trigger: str = "rho"
+    grad_threshold: float = 0.5
 
     def __post_init__(self):
         if not isinstance(self.probe_every, int) or isinstance(self.probe_every, bool) \
@@ -90,6 +117,11 @@ class ControlConfig:
         if self.probe_iters is not None and (not isinstance(self.probe_iters, int)
                                              or self.probe_iters < 2):
             raise ValueError(f"probe_iters must be an integer >= 2 or None, got {self.probe_iters!r}")
+        if self.trigger not in TRIGGERS:
+            raise ValueError(f"trigger must be one of {', '.join(TRIGGERS)}; got {self.trigger!r}")
+        if isinstance(self.grad_threshold, bool) or not (
+                isinstance(self.grad_threshold, (int, float)) and 0 < self.grad_threshold < math.inf):
+            raise ValueError(f"grad_threshold must be a positive finite number, got {self.grad_threshold!r}")
 
 
 @dataclass
@@ -138,6 +170,7 @@ class Decision:
     iters_before: List[List[int]] = field(default_factory=list)   # [fwd, bwd] per module
     iters_after: List[List[int]] = field(default_factory=list)
     mode_after: str = "parallel"
+    gradient: Optional[dict] = None  # the gradient trigger's evidence (relative_error, cosine, ...)
 
     @property
     def rho(self) -> Dict[str, Optional[float]]:
@@ -152,7 +185,12 @@ class Decision:
         return {"step": self.step, "action": self.action, "reason": self.reason,
                 "rho": self.rho, "measurements": [m.as_dict() for m in self.measurements],
                 "iters_before": self.iters_before, "iters_after": self.iters_after,
-                "mode_after": self.mode_after}
+                "mode_after": self.mode_after, "gradient": self.gradient}
+
+    @property
+    def grad_error(self) -> Optional[float]:
+        """The estimated relative error of the production gradient (gradient trigger only)."""
+        return None if self.gradient is None else self.gradient["relative_error"]
 
 
 class AdaptiveController:
@@ -179,6 +217,12 @@ class AdaptiveController:
         self._probing = False
         self._hooks: list = []
         self._norms: Dict[int, Dict[str, float]] = {}
+        self._model = model
+        # the gradient trigger's probe: "reference" pass (production counts), then "probe" pass
+        self._pass: Optional[str] = None
+        self._snapshot: Optional[dict] = None
+        self._reference: Optional[List[Optional[torch.Tensor]]] = None
+        self._gradient: Optional[dict] = None
 
     # ------------------------------------------------------------------ the step protocol
     @property
@@ -195,27 +239,65 @@ class AdaptiveController:
         if self._probing:
             raise RuntimeError("before_step called twice without after_step")
         self._probing = self.is_probe_step()
+        self._gradient = None
         if self._probing:
-            for i, module in enumerate(self.modules):
-                fwd, bwd = self.iters[i]
-                module.configure(fwd_iters=self._probe_iters(module, fwd),
-                                 bwd_iters=self._probe_iters(module, bwd))
-                self._hooks.append(module.register_forward_hook(self._norm_hook(i)))
-            self._norms = {}
+            if self.config.trigger == "gradient":
+                # the reference pass runs at the production counts; after_backward starts the probe
+                self._pass, self._snapshot = "reference", self._random_state()
+            else:
+                self._start_probe_pass()
         return self._probing
+
+    def _start_probe_pass(self) -> None:
+        for i, module in enumerate(self.modules):
+            fwd, bwd = self.iters[i]
+            module.configure(fwd_iters=self._probe_iters(module, fwd),
+                             bwd_iters=self._probe_iters(module, bwd))
+            self._hooks.append(module.register_forward_hook(self._norm_hook(i)))
+        self._norms = {}
+
+    def after_backward(self) -> bool:
+        """Call when the step's micro-batches have run their backward passes, before clipping
+        and the optimizer. Returns True when they must run again: after the reference pass of a
+        gradient-trigger probe (its gradients are stored and cleared, the random state and the
+        dropout masks rewound, the probe counts set). Otherwise (always with the rho trigger)
+        a no-op that returns False."""
+        if not self._probing or self._pass is None:
+            return False
+        params = self._params()
+        if self._pass == "reference":
+            self._reference = [None if p.grad is None else p.grad.detach().clone() for p in params]
+            for p in params:
+                p.grad = None
+            self._restore_random_state(self._snapshot)
+            self._start_probe_pass()
+            self._pass = "probe"
+            return True
+        self._gradient = self._gradient_error(params, self._reference)
+        self._reference, self._snapshot, self._pass = None, None, None
+        return False
 
     def after_step(self) -> Optional[Decision]:
         """Finish step ``self.step``: on a probe, measure, restore iterations and act."""
         decision = None
         if self._probing:
+            if self.config.trigger == "gradient" and self._gradient is None:
+                self._pass, self._reference, self._snapshot, self._probing = None, None, None, False
+                for hook in self._hooks:
+                    hook.remove()
+                self._hooks = []
+                for module, (fwd, bwd) in zip(self.modules, self.iters):
+                    module.configure(fwd_iters=fwd, bwd_iters=bwd)
+                raise RuntimeError("trigger='gradient': a probe step must call after_backward() "
+                                   "after each pass of its micro-batches (see the module docstring)")
             for hook in self._hooks:
                 hook.remove()
             self._hooks = []
             measurements = self._measure()
             for module, (fwd, bwd) in zip(self.modules, self.iters):
                 module.configure(fwd_iters=fwd, bwd_iters=bwd)
-            decision = self.decide(measurements)
-            self._probing = False
+            decision = self.decide(measurements, self._gradient)
+            self._probing, self._gradient = False, None
         self.step += 1
         return decision
 
@@ -251,11 +333,61 @@ class AdaptiveController:
                 out.append(Measurement(i, direction, iters, list(residuals), norm, self.config.floor))
         return out
 
+    def _params(self) -> List[nn.Parameter]:
+        return [p for p in self._model.parameters() if p.requires_grad]
+
+    def _random_state(self) -> dict:
+        """What the reference pass consumes: torch's generators and the dropout counters."""
+        state = {"cpu": torch.get_rng_state(),
+                 "dropout": [m.dropout.state_dict() for m in self.modules]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _restore_random_state(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        for module, drop in zip(self.modules, state["dropout"]):
+            module.dropout.load_state_dict(drop)
+
+    def _gradient_error(self, params, reference) -> dict:
+        """||g_k - g_p|| / ||g_p|| and the cosine of g_k and g_p over the whole model: the
+        stacks' layers summed over the group's ranks, the replicated parameters counted once."""
+        inside = {id(p) for m in self.modules for p in m.layers.parameters()}
+        sums = torch.zeros(2, 3, dtype=torch.float64)      # rows: split, replicated
+        for p, ref in zip(params, reference):
+            probe = None if p.grad is None else p.grad.detach().double()
+            ref = None if ref is None else ref.double()
+            if probe is None and ref is None:
+                continue
+            probe = torch.zeros_like(ref) if probe is None else probe
+            ref = torch.zeros_like(probe) if ref is None else ref
+            row = 1 - int(id(p) in inside)
+            sums[row] += torch.stack([(ref - probe).pow(2).sum(), probe.pow(2).sum(),
+                                      (ref * probe).sum()]).cpu()
+        comm = self.modules[0].comm
+        if comm.size > 1:
+            sums[0] = comm.allreduce(sums[0].to(comm.device), "sum").cpu()
+        diff2, probe2, dot = (sums[0] + sums[1]).tolist()
+        ref2 = diff2 - probe2 + 2 * dot                    # ||g_k||^2 = ||g_k - g_p||^2 - ||g_p||^2 + 2<g_k, g_p>
+        norm_p, norm_k = math.sqrt(probe2), math.sqrt(max(ref2, 0.0))
+        relative = math.sqrt(diff2) / norm_p if norm_p > 0 else (0.0 if diff2 == 0 else math.inf)
+        cosine = dot / (norm_p * norm_k) if norm_p > 0 and norm_k > 0 else None
+        return {"relative_error": relative, "cosine": cosine, "norm_production": norm_k,
+                "norm_probe": norm_p, "production_iters": [list(it) for it in self.iters],
+                "probe_iters": [[self._probe_iters(m, f), self._probe_iters(m, b)]
+                                for m, (f, b) in zip(self.modules, self.iters)],
+                "threshold": self.config.grad_threshold}
+
     # ------------------------------------------------------------------ deciding
-    def decide(self, measurements: List[Measurement]) -> Decision:
-        """Act on the measurements of the probe at ``self.step`` and record the decision."""
+    def decide(self, measurements: List[Measurement], gradient: Optional[dict] = None) -> Decision:
+        """Act on the measurements of the probe at ``self.step`` (and, with the gradient
+        trigger, on ``gradient``: the evidence of ``after_backward``) and record the decision."""
         cfg = self.config
         before = [list(it) for it in self.iters]
+        if cfg.trigger == "gradient":
+            return self._decide_gradient(measurements, gradient, before)
         crossed = [m for m in measurements if m.usable and m.rho > cfg.threshold]
         unusable = [m for m in measurements if not m.usable]
         if not crossed:
@@ -281,17 +413,51 @@ class AdaptiveController:
             else:
                 action = "at-cap"
                 reason = self._crossed(crossed) + f"; iterations already at the cap {cfg.max_iters}"
+        return self._record(action, reason, measurements, before)
+
+    def _record(self, action: str, reason: str, measurements: List[Measurement], before,
+                gradient: Optional[dict] = None) -> Decision:
         if action == "serial":
             self._go_serial()
         decision = Decision(self.step, action, reason, measurements, before,
-                            [list(it) for it in self.iters], self.mode)
+                            [list(it) for it in self.iters], self.mode, gradient)
         decision = self._agree(decision)
         self.decisions.append(decision)
         rho = decision.rho
         logger.log(logging.WARNING if action in ("serial", "increase", "at-cap") else logging.INFO,
-                   "step %d probe: rho forward %s, backward %s -> %s (%s)", self.step,
-                   _fmt(rho["forward"]), _fmt(rho["backward"]), action, reason)
+                   "step %d probe: rho forward %s, backward %s%s -> %s (%s)", self.step,
+                   _fmt(rho["forward"]), _fmt(rho["backward"]),
+                   "" if gradient is None else f", gradient error {_fmt(gradient['relative_error'])}",
+                   action, reason)
         return decision
+
+    def _decide_gradient(self, measurements: List[Measurement], gradient: Optional[dict],
+                         before) -> Decision:
+        cfg = self.config
+        if gradient is None:
+            raise ValueError("trigger='gradient' decides on the gradient evidence of after_backward()")
+        error = gradient["relative_error"]
+        evidence = (f"relative gradient error {error:.4g} "
+                    f"(iterations {gradient['production_iters']} vs probe {gradient['probe_iters']}, "
+                    f"cosine {_fmt(gradient['cosine'])})")
+        if math.isnan(error) or not error > cfg.grad_threshold:
+            action, reason = "none", evidence.replace(" (", f" <= {cfg.grad_threshold:g} (", 1)
+        else:
+            crossed = evidence.replace(" (", f" > {cfg.grad_threshold:g} (", 1)
+            if cfg.action == "monitor":
+                action, reason = "monitor", crossed + "; monitoring only"
+            elif cfg.action == "serial":
+                action, reason = "serial", crossed
+            else:
+                grown = self._increase(measurements)       # both directions of every module
+                if grown:
+                    action, reason = "increase", crossed + "; doubled " + ", ".join(grown)
+                elif cfg.action == "increase-then-serial":
+                    action, reason = "serial", crossed + f"; iterations at the cap {cfg.max_iters}"
+                else:
+                    action = "at-cap"
+                    reason = crossed + f"; iterations already at the cap {cfg.max_iters}"
+        return self._record(action, reason, measurements, before, gradient)
 
     def _crossed(self, crossed: List[Measurement]) -> str:
         parts = [f"module {m.module} {m.direction} rho {m.rho:.4g} > {self.config.threshold:g} "
@@ -299,8 +465,11 @@ class AdaptiveController:
         return "; ".join(parts)
 
     def _increase(self, crossed: List[Measurement]) -> List[str]:
-        grown = []
+        grown, seen = [], set()
         for m in crossed:
+            if (m.module, m.direction) in seen:
+                continue
+            seen.add((m.module, m.direction))
             d = 0 if m.direction == "forward" else 1
             old = self.iters[m.module][d]
             new = min(max(2 * old, 1), self.config.max_iters)
@@ -356,13 +525,22 @@ class AdaptiveController:
         self.mode = state["mode"]
         for module in self.modules:
             module.set_parallel(self.mode != "serial")
+        saved = state.get("config", {}).get("trigger", "rho")
+        if saved != self.config.trigger:
+            logger.warning("controller state was recorded with trigger %r; continuing with %r",
+                           saved, self.config.trigger)
+
+    @property
+    def grad_errors(self) -> List[tuple]:
+        """(step, estimated relative gradient error) of every gradient-trigger probe so far."""
+        return [(d.step, d.grad_error) for d in self.decisions if d.gradient is not None]
 
 
 def _decision_from_dict(d: dict) -> Decision:
     ms = [Measurement(m["module"], m["direction"], m["iterations"], list(m["residuals"]),
                       m["state_norm"], m["floor"]) for m in d["measurements"]]
     return Decision(d["step"], d["action"], d["reason"], ms, d["iters_before"], d["iters_after"],
-                    d["mode_after"])
+                    d["mode_after"], d.get("gradient"))
 
 
 def _fmt(x: Optional[float]) -> str:

@@ -11,6 +11,10 @@ directory; ``compare`` adds ``report.md`` and the plots ``loss.png``, ``rho.png`
 ``residuals.png``. Options left unset take the task's defaults (``xbt train --task T --help``
 lists the options; ``xbt info`` the tasks and their defaults). ``--nprocs P`` spawns P gloo
 processes; under ``torchrun`` or ``mpiexec`` the command runs unchanged on the launcher's ranks.
+
+A run refuses an ``--out`` that already holds a run unless given ``--resume`` (continue it) or
+``--overwrite`` (start again). A diverged run exits with status 1 and keeps its last good
+checkpoint; SIGTERM or SIGHUP stops the spawned processes and exits with 128 + the signal.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from ..control import ACTIONS, ControlConfig
 from ..multilevel import COARSE_GRADIENTS, CYCLES, OPTIMIZER_STATES, PROLONGATIONS, MultilevelConfig
 from .defaults import DEFAULTS, default_mgrit
 from .tasks import TASKS, TaskConfig, TaskUnavailable
-from .trainer import MODES, OPTIMIZERS, TrainConfig
+from .trainer import MODES, OPTIMIZERS, ResumeError, TrainConfig
 
 
 def _number(kind, lowest, strict: bool, what: str, below=None):
@@ -49,6 +53,7 @@ def _number(kind, lowest, strict: bool, what: str, below=None):
 _positive_int = _number(int, 0, True, "a positive integer")
 _nonneg_int = _number(int, 0, False, "an integer >= 0")
 _positive_float = _number(float, 0.0, True, "a positive number")
+_positive_finite = _number(float, 0.0, True, "a finite positive number", below=float("inf"))
 _nonneg_float = _number(float, 0.0, False, "a number >= 0")
 _fraction = _number(float, 0.0, False, "a number in [0, 1)", below=1.0)
 
@@ -76,7 +81,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=_positive_int)
     g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="adamw (default) or sgd")
     g.add_argument("--momentum", type=_fraction, help="SGD's momentum (0.9)")
-    g.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    g.add_argument("--lr", type=_positive_finite, help="peak learning rate")
     g.add_argument("--warmup", type=_nonneg_int)
     g.add_argument("--min-lr-ratio", type=_nonneg_float)
     g.add_argument("--weight-decay", type=_nonneg_float)
@@ -133,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default runs/<task>-<mode>)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its metrics, summary and checkpoint)")
     p = sub.add_parser("compare", help="serial vs layer-parallel vs adaptive, with a report")
     _add_run_options(p)
     p.add_argument("--quick", action="store_true", help="a small configuration (minutes on 2 cores)")
@@ -252,19 +259,49 @@ def cmd_train(args, parser) -> int:
     out = args.out or os.path.join("runs", f"{args.task}-{args.mode}")
     if args.resume == "auto" and not os.path.isfile(os.path.join(out, "checkpoint.pt")):
         parser.error(f"--resume: no checkpoint at {os.path.join(out, 'checkpoint.pt')}")
-    try:
-        task_cfg, train_cfg = make_configs(values, args.task, args.mode, out, args.resume,
-                                           args.progress, args.tensorboard)
-    except ValueError as error:
-        parser.error(str(error))
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --out and --overwrite replaces it: give one")
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if existing and not args.resume and not args.overwrite:
+        parser.error(f"--out {out} already holds a run ({', '.join(existing)}): continue it with "
+                     f"--resume, replace it with --overwrite, or choose another --out")
+    task_cfg, train_cfg = _configs_or_error(parser, args, values, args.mode, out, args.resume,
+                                            args.progress, args.tensorboard)
     runner = Runner(args.nprocs, args.threads, parser)
+    if args.overwrite and runner.is_main:
+        _fresh(out)
     summary = runner.train(task_cfg, train_cfg)
     if summary is not None:
         runner.say(f"{args.mode}: {summary['steps']} steps, final loss {summary['final_loss']}, "
                    f"eval loss {summary['final_eval_loss']}, switch batch {summary['switch_step']}"
                    + (f", DIVERGED {summary['diverged']}" if summary["diverged"] else ""))
         runner.say(f"metrics: {out}/metrics.jsonl  summary: {out}/summary.json")
+        if summary["diverged"]:
+            checkpoint = os.path.join(out, "checkpoint.pt")
+            kept = (f"the last good checkpoint is kept: {checkpoint} (resume from it with a "
+                    f"smaller --lr)" if os.path.exists(checkpoint) else "no checkpoint was written")
+            print(f"xbt train: error: training diverged at {summary['diverged']}; {kept}",
+                  file=sys.stderr, flush=True)
+            return 1
     return 0
+
+
+def _configs_or_error(parser, args, values, mode, out, *options, **keywords):
+    """``make_configs``, with every check that can be made before a process is started (the
+    timeout variable, the task's options, the ranks the layers can be split over) turned into
+    an argparse error."""
+    from ..core.ownership import partition_layers
+    from ..mgrit.comm_backends import default_timeout
+    from .tasks import check_task_options
+    try:
+        default_timeout()                      # XBT_TIMEOUT, read by every rank
+        task_cfg, train_cfg = make_configs(values, args.task, mode, out, *options, **keywords)
+        check_task_options(task_cfg)
+        if args.nprocs > 1:
+            partition_layers(values["layers"], task_cfg.mgrit.coarsest_spacing, args.nprocs)
+    except ValueError as error:
+        parser.error(str(error))
+    return task_cfg, train_cfg
 
 
 def cmd_compare(args, parser) -> int:
@@ -278,11 +315,8 @@ def cmd_compare(args, parser) -> int:
     start = time.perf_counter()
     runner = Runner(args.nprocs, args.threads, parser)
     for mode in ("serial", "parallel", "adaptive"):
-        try:
-            task_cfg, train_cfg = make_configs(values, args.task, mode, os.path.join(out, mode),
-                                               progress=args.progress, monitor=(mode == "parallel"))
-        except ValueError as error:
-            parser.error(str(error))
+        task_cfg, train_cfg = _configs_or_error(parser, args, values, mode, os.path.join(out, mode),
+                                                progress=args.progress, monitor=(mode == "parallel"))
         if runner.is_main:
             _fresh(train_cfg.out_dir)
         runner.say(f"[{mode}] training {values['steps']} steps ...")
@@ -326,19 +360,22 @@ def cmd_reproduce(args, parser) -> int:
     return 0
 
 
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt")
+
+
 def _fresh(out_dir: str) -> None:
-    """compare starts each run anew: drop an old run's metrics and checkpoint."""
-    for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+    """Start a run anew (compare, --overwrite): drop an old run's metrics and checkpoint."""
+    for name in RUN_FILES:
         path = os.path.join(out_dir, name)
         if os.path.exists(path):
             os.remove(path)
 
 
 def _read_run(out_dir: str) -> dict:
+    from .trainer import read_metrics
     with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as handle:
         summary = json.load(handle)
-    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as handle:
-        summary["history"] = [json.loads(line) for line in handle if line.strip()]
+    summary["history"] = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
     return summary
 
 
@@ -395,10 +432,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     command = {"train": cmd_train, "compare": cmd_compare, "reproduce": cmd_reproduce,
                "info": cmd_info}[args.command]
+    from ..distributed import SpawnError, SpawnInterrupted
+    from .checkpoint import CheckpointError
     try:
         return command(args, parser)
-    except TaskUnavailable as error:
+    except (TaskUnavailable, ResumeError, CheckpointError) as error:
         parser.error(str(error))
+    except SpawnInterrupted as error:     # the workers are stopped; exit as the signal would
+        print(f"xbt {args.command}: {error}", file=sys.stderr, flush=True)
+        return 128 + error.signum
+    except SpawnError as error:           # a worker's error (with its traceback) is the message
+        print(f"xbt {args.command}: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

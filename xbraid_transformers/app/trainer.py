@@ -13,6 +13,13 @@ have seen.
 Outputs under ``out_dir`` (rank 0 only): ``metrics.jsonl`` (one record per logged step),
 ``summary.json``, ``checkpoint.pt`` (atomic; ``resume=`` continues from it) and, with
 ``tensorboard=True``, TensorBoard event files.
+
+Failures leave a run that can be continued: a diverged run (a non-finite loss, a diverging
+solve, non-finite weights) stops, records ``diverged`` in the summary and never writes a
+checkpoint of the diverged state, so the last good one stays. Resuming drops the metrics
+records of the steps it replays (a run killed after its last checkpoint) and any half-written
+line; it refuses a checkpoint of a different network (task, layers, width, heads, ...), and a
+changed ``lr`` takes effect from the resumed step on, with a warning.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import torch
 
 from ..control import AdaptiveController, ControlConfig
 from ..core.layer_parallel import LayerParallel, find_stacks
+from ..data.cache import atomic_write_text
 from ..distributed import (clip_grad_norm_, gather_named, gather_optimizer_state, gather_state_dict,
                            load_optimizer_state)
 from ..mgrit.comm import SERIAL, Communicator
@@ -46,6 +54,15 @@ from .tasks import Task
 logger = logging.getLogger(__name__)
 
 MODES = ("serial", "parallel", "adaptive")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that this run cannot continue (another mode, optimizer, schedule, task or
+    network)."""
+
+
+# TaskConfig fields that define the network: a checkpoint resumes only into the same ones.
+ARCHITECTURE = ("name", "layers", "d_model", "heads", "vocab", "seq_len", "step_size", "tokenizer")
 
 # name -> (params, config) -> optimizer; the peak lr is the config's, the schedule scales it.
 OPTIMIZERS = {
@@ -119,6 +136,8 @@ class TrainConfig:
         for name in ("lr", "clip", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not math.isfinite(self.lr):     # an infinite step ends every run in NaN
+            raise ValueError(f"lr must be finite, got {self.lr!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         if self.resume is not None and self.resume == "auto" and self.out_dir is None:
@@ -187,6 +206,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.virtual_seconds: Optional[float] = None
         self.diverged: Optional[str] = None
+        self._resumed_record: Optional[dict] = None   # the last metrics record before a resume
+        self._saved_at: Optional[int] = None          # the step of the last checkpoint written
         self._writer = None
         if config.resume is not None:
             path = (os.path.join(config.out_dir, "checkpoint.pt") if config.resume == "auto"
@@ -228,7 +249,9 @@ class Trainer:
                 "rng": rng_state(), "data": {"next_step": self.step},
                 "train_seconds": self.train_seconds, "virtual_seconds": self.virtual_seconds,
                 "mode": self.config.mode, "optimizer_name": self.config.optimizer,
-                "task": self.task.config.name, "schedule": self._schedule_key()}
+                "task": self.task.config.name, "schedule": self._schedule_key(),
+                "architecture": {k: getattr(self.task.config, k) for k in ARCHITECTURE},
+                "lr": self.config.lr}
 
     def _multilevel_state(self) -> Optional[dict]:
         """The stepper's state, its per-parameter tensors gathered from every rank."""
@@ -241,10 +264,23 @@ class Trainer:
         ml = self.config.multilevel
         return None if ml is None else dataclasses.asdict(ml)
 
+    def weights_finite(self) -> bool:
+        """Whether every parameter of the model, on every rank, is finite (collective)."""
+        bad = sum(int(not torch.isfinite(p).all()) for p in self.model.parameters())
+        if self.comm.size > 1:
+            bad = self.comm.allreduce_sum(float(bad))
+        return bad == 0
+
     def save(self, path: Optional[str] = None) -> Optional[str]:
+        """Write the checkpoint (every rank calls it; rank 0 writes). Raises FloatingPointError,
+        writing nothing, when a weight is not finite: the previous checkpoint stays the one to
+        resume from."""
         path = path or self._path("checkpoint.pt")
         if path is None:
             return None
+        if not self.weights_finite():
+            raise FloatingPointError(f"the weights are not finite after step {self.step - 1}; "
+                                     f"no checkpoint written")
         state = self.state_dict()          # every rank: gathering the model is collective
         if not self.is_main:
             return None
@@ -255,15 +291,25 @@ class Trainer:
     def load(self, path: str) -> None:
         state = load_checkpoint(path)
         if state.get("mode") not in (None, self.config.mode):
-            raise ValueError(f"checkpoint {path!r} is of a {state['mode']!r} run, this run is "
-                             f"{self.config.mode!r}")
+            raise ResumeError(f"checkpoint {path!r} is of a {state['mode']!r} run, this run is "
+                              f"{self.config.mode!r}")
         saved_optimizer = state.get("optimizer_name", "adamw")   # older checkpoints: AdamW
         if saved_optimizer != self.config.optimizer:
-            raise ValueError(f"checkpoint {path!r} was trained with {saved_optimizer!r}, "
-                             f"this run uses {self.config.optimizer!r}")
+            raise ResumeError(f"checkpoint {path!r} was trained with {saved_optimizer!r}, "
+                              f"this run uses {self.config.optimizer!r}")
         if state.get("schedule") != self._schedule_key():
-            raise ValueError(f"checkpoint {path!r} was trained with the multilevel schedule "
-                             f"{state.get('schedule')}, this run has {self._schedule_key()}")
+            raise ResumeError(f"checkpoint {path!r} was trained with the multilevel schedule "
+                              f"{state.get('schedule')}, this run has {self._schedule_key()}")
+        if state.get("task") not in (None, self.task.config.name):
+            raise ResumeError(f"checkpoint {path!r} is of the {state['task']!r} task, this run is "
+                              f"{self.task.config.name!r}")
+        saved = state.get("architecture") or {}     # older checkpoints: not recorded
+        differ = [k for k in ARCHITECTURE if k in saved and saved[k] != getattr(self.task.config, k)]
+        if differ:
+            raise ResumeError(
+                f"checkpoint {path!r} is of a different network: " + ", ".join(
+                    f"--{k.replace('_', '-')} {saved[k]} there, {getattr(self.task.config, k)} here"
+                    for k in differ) + "; resume with the checkpoint's options or start a new run")
         self.model.load_state_dict(state["model"])
         load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -277,7 +323,39 @@ class Trainer:
         self.step = int(state["data"]["next_step"])
         self.train_seconds = float(state.get("train_seconds") or 0.0)
         self.virtual_seconds = state.get("virtual_seconds")
+        self._resume_learning_rate(state, path)
+        self._resumed_record = self._trim_metrics()
         logger.info("resumed from %s at step %d", path, self.step)
+
+    def _resume_learning_rate(self, state: dict, path: str) -> None:
+        """The loaded optimizer carries the checkpoint's learning rate; the schedule restarts
+        from this run's ``lr`` (the same value unless it was changed, which is said)."""
+        saved = state.get("lr", (state["scheduler"].get("base_lrs") or [None])[0])
+        if saved is not None and saved != self.config.lr:
+            logger.warning("resuming %s with lr %g: the checkpoint was trained with lr %g; the "
+                           "schedule continues from step %d with the new peak", path,
+                           self.config.lr, saved, self.step)
+        scheduler = self.scheduler
+        scheduler.base_lrs = [self.config.lr for _ in scheduler.base_lrs]
+        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = self.config.lr
+            group["lr"] = self.config.lr * factor(scheduler.last_epoch)
+
+    def _trim_metrics(self) -> Optional[dict]:
+        """Drop the records of steps from ``self.step`` on (written after the checkpoint by a run
+        that was then killed; they are replayed now) and half-written lines from metrics.jsonl.
+        Returns the last record kept (rank 0; None elsewhere)."""
+        path = self._path("metrics.jsonl")
+        if path is None or not self.is_main or not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as handle:
+            lines = [line for line in handle.read().splitlines() if line.strip()]
+        kept = [r for r in read_metrics(path) if r.get("step", -1) < self.step]
+        if len(kept) != len(lines):
+            logger.info("metrics.jsonl: kept the %d records before step %d, dropped %d lines",
+                        len(kept), self.step, len(lines) - len(kept))
+            atomic_write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+        return kept[-1] if kept else None
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -292,15 +370,19 @@ class Trainer:
         total = 0.0
         searches = len(self.multilevel.step_lengths) if self.multilevel else 0
         with self._phase() as phase:
-            for micro in range(cfg.grad_accum):
-                loss = task.loss(task.batch("train", self.step, micro)) / cfg.grad_accum
-                loss.backward()
-                total += loss.item()
+            again = True
+            while again:    # twice on a probe of the gradient trigger (its reference pass first)
+                total = 0.0
+                for micro in range(cfg.grad_accum):
+                    loss = task.loss(task.batch("train", self.step, micro)) / cfg.grad_accum
+                    loss.backward()
+                    total += loss.item()
+                again = self.controller.after_backward() if self.controller else False
             if self.multilevel is not None:
                 self.multilevel.correct_gradients()
             grad_norm = clip_grad_norm_(self.model, cfg.clip).item() if cfg.clip > 0 else None
             stats = self.modules[0].stats if self.modules else None
-            lr = self.scheduler.get_last_lr()[0]
+            lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
         decision = self.controller.after_step() if self.controller else None
         self.scheduler.step()
@@ -330,6 +412,8 @@ class Trainer:
             rho = decision.rho
             record.update(rho_forward=rho["forward"], rho_backward=rho["backward"],
                           action=decision.action, reason=decision.reason)
+            if decision.gradient is not None:
+                record["grad_error"] = decision.grad_error
         if not math.isfinite(total):
             raise FloatingPointError(f"loss became {total} at step {self.step}")
         self.step += 1
@@ -365,16 +449,19 @@ class Trainer:
         a checkpoint, for resuming). Returns the summary (also written to summary.json)."""
         cfg = self.config
         stop = cfg.steps if until is None else min(until, cfg.steps)
+        if self.step >= stop and cfg.resume is not None:
+            logger.warning("the checkpoint is at step %d and the run stops at step %d: nothing to "
+                           "train (raise steps to continue)", self.step, stop)
         if cfg.tensorboard and self.is_main and cfg.out_dir:
             self._writer = _tensorboard(cfg.out_dir)
         bar = self._progress(stop)
+        first = self.step
         try:
             while self.step < stop:
                 try:
                     record = self.train_step()
                 except (MGRITDivergenceError, FloatingPointError) as error:
-                    self.diverged = f"step {self.step}: {error}"
-                    logger.error("training diverged at %s", self.diverged)
+                    self._diverge(error)
                     break
                 step = record["step"]
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -388,15 +475,31 @@ class Trainer:
                     self._write_record(record)
                 self._report(bar, record, stop)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save()
+                    if not self._checkpoint():
+                        break
         finally:
             if bar is not None:
                 bar.close()
-        if cfg.out_dir:
-            self.save()
+        if cfg.out_dir and not self.diverged and self.step > first and self._saved_at != self.step:
+            self._checkpoint()
         if self.step >= cfg.steps or self.diverged:
             return self.finish()
         return self.summary()
+
+    def _checkpoint(self) -> bool:
+        """Save; non-finite weights end the run as diverged instead (nothing written)."""
+        try:
+            self.save()
+        except FloatingPointError as error:
+            self._diverge(error)
+            return False
+        self._saved_at = self.step
+        return True
+
+    def _diverge(self, error: Exception) -> None:
+        self.diverged = f"step {self.step}: {error}"
+        logger.error("training diverged at %s; no checkpoint of the diverged state is written",
+                     self.diverged)
 
     def finish(self) -> dict:
         """Final evaluation and the summary JSON."""
@@ -411,7 +514,7 @@ class Trainer:
 
     def summary(self, final_eval: Optional[float] = None) -> dict:
         ctl = self.controller
-        last = self.history[-1] if self.history else {}
+        last = self.history[-1] if self.history else (self._resumed_record or {})
         steps_done = max(self.step, 1)
         return {"task": self.task.config.name, "mode": self.config.mode, "steps": self.step,
                 "final_loss": last.get("loss"), "final_eval_loss": final_eval,
@@ -448,6 +551,28 @@ class Trainer:
                         record["step"] + 1, stop, record["loss"], record["lr"], record["mode"],
                         record["fwd_iters"], record["bwd_iters"], view,
                         f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else "")
+
+
+def read_metrics(path: str) -> List[dict]:
+    """The records of a metrics.jsonl; a line that does not parse (half-written when a run was
+    killed) is skipped with a warning, not an error after hours of training."""
+    records, bad = [], 0
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad += 1
+    if bad:
+        logger.warning("%s: skipped %d damaged line(s)", path, bad)
+    return records
 
 
 def _tensorboard(out_dir: str):

@@ -13,11 +13,12 @@ import os
 import time
 from typing import Callable, Dict, Iterable, Optional
 
-from . import buffers, convergence, dropout, gradient_bias
+from . import buffers, convergence, dropout, encoder_parity, gradient_bias, indicator
 from .base import MODES, Experiment, Verdict
 
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
-    convergence.EXPERIMENT, gradient_bias.EXPERIMENT, dropout.EXPERIMENT, buffers.EXPERIMENT)}
+    convergence.EXPERIMENT, gradient_bias.EXPERIMENT, dropout.EXPERIMENT, buffers.EXPERIMENT,
+    encoder_parity.EXPERIMENT, indicator.EXPERIMENT)}
 
 __all__ = ["EXPERIMENTS", "MODES", "Experiment", "Verdict", "run_experiment", "write_report", "reproduce"]
 
