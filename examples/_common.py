@@ -70,3 +70,22 @@ def compare(args, model, loss_fn, next_batch, evaluate):
         results[mode], models[mode] = metrics, m
         print(f"[{mode}] validation {metrics}", flush=True)
     return results, models
+
+
+def token_streams(synthetic: bool, length: int):
+    """(train ids, val ids, vocabulary): a random Markov chain over 64 tokens (a language with a
+    known entropy) of ``length`` tokens, 90% / 10%, or Shakespeare in BPE 4096."""
+    if synthetic:
+        vocab = 64
+        g = torch.Generator().manual_seed(1)
+        table = torch.softmax(3 * torch.randn(vocab, vocab, generator=g), -1)
+        ids = [0]
+        for _ in range(length):
+            ids.append(torch.multinomial(table[ids[-1]], 1, generator=g).item())
+        tokens = torch.tensor(ids)
+        split = length * 9 // 10
+        return tokens[:split], tokens[split:], vocab
+    from xbraid_transformers.data import shakespeare_lm  # the offline loader (docs/data.md)
+    data = shakespeare_lm(tokenizer="bpe", vocab_size=4096)   # cached after the first call
+    train_ids, val_ids = (torch.from_numpy(data.splits[s].astype("int64")) for s in ("train", "val"))
+    return train_ids, val_ids, data.vocab_size

@@ -7,7 +7,7 @@
 Paper-style options: ``--buffers 2 2`` runs the first/last two layers serially with step 1.
 """
 import torch
-from _common import compare, parallel_config, parser
+from _common import compare, parallel_config, parser, token_streams
 
 from xbraid_transformers.models import GPT, GPTConfig
 
@@ -17,20 +17,7 @@ flags.add_argument("--buffers", type=int, nargs=2, default=(0, 0))
 args = flags.parse_args()
 torch.manual_seed(args.seed)
 
-if args.synthetic:  # a random Markov chain over 64 tokens: a language with a known entropy
-    vocab = 64
-    g = torch.Generator().manual_seed(1)
-    table = torch.softmax(3 * torch.randn(vocab, vocab, generator=g), -1)
-    ids = [0]
-    for _ in range(100_000):
-        ids.append(torch.multinomial(table[ids[-1]], 1, generator=g).item())
-    tokens = torch.tensor(ids)
-    train_ids, val_ids = tokens[:90_000], tokens[90_000:]
-else:
-    from xbraid_transformers.data import shakespeare_lm  # the offline loader (docs/data.md)
-    data = shakespeare_lm(tokenizer="bpe", vocab_size=4096)   # cached after the first call
-    train_ids, val_ids = (torch.from_numpy(data.splits[s].astype("int64")) for s in ("train", "val"))
-    vocab = data.vocab_size
+train_ids, val_ids, vocab = token_streams(args.synthetic, 100_000)
 
 
 def batch_from(data, generator, size):

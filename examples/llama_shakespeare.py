@@ -19,6 +19,7 @@ import os
 import time
 
 import torch
+from _common import token_streams
 
 import xbraid_transformers as xbt
 from xbraid_transformers.adapters import make_layer_parallel, set_parallel
@@ -49,20 +50,7 @@ if args.threads:
     torch.set_num_threads(args.threads)
 torch.manual_seed(args.seed)
 
-if args.synthetic:  # a random Markov chain over 64 tokens: a language with a known entropy
-    vocab = 64
-    g = torch.Generator().manual_seed(1)
-    table = torch.softmax(3 * torch.randn(vocab, vocab, generator=g), -1)
-    ids = [0]
-    for _ in range(50_000):
-        ids.append(torch.multinomial(table[ids[-1]], 1, generator=g).item())
-    tokens = torch.tensor(ids)
-    train_ids, val_ids = tokens[:45_000], tokens[45_000:]
-else:
-    from xbraid_transformers.data import shakespeare_lm  # the offline loader (docs/data.md)
-    data = shakespeare_lm(tokenizer="bpe", vocab_size=4096)   # cached after the first call
-    train_ids, val_ids = (torch.from_numpy(data.splits[s].astype("int64")) for s in ("train", "val"))
-    vocab = data.vocab_size
+train_ids, val_ids, vocab = token_streams(args.synthetic, 50_000)
 
 
 def batch_from(stream, generator, size):

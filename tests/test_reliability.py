@@ -23,12 +23,7 @@ TINY = ["--task", "synthetic", "--layers", "4", "--d-model", "8", "--heads", "2"
         "--batch-size", "2", "--cfactor", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _records(out):

@@ -16,12 +16,7 @@ from xbraid_transformers.mgrit.config import MGRITConfig
 from xbraid_transformers.multilevel import MultilevelConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(task_cfg, until=None, **options):

@@ -32,12 +32,7 @@ TRAIN = dict(mode="adaptive", steps=6, lr=1e-2, warmup=2, grad_accum=2, clip=0.0
              control=ControlConfig(probe_every=2), print_every=100)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)       # the workers use one thread: the same reduction order
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(comm, out_dir=None, until=None, resume=None, **changes):
