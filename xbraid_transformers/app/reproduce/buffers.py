@@ -13,7 +13,7 @@ SETTINGS = {
                   source="synthetic"),
     "quick": dict(COMMON, layers=16, train_steps=300, checkpoints=3, eval_batches=4,
                   lipschitz_iters=20, source="shakespeare"),
-    "full": dict(COMMON, d_model=64, layers=32, train_steps=2000, checkpoints=5, eval_batches=8,
+    "full": dict(COMMON, layers=16, train_steps=600, checkpoints=5, eval_batches=8,
                  lipschitz_iters=30, source="shakespeare"),
 }
 MGRIT = MGRITConfig(levels=2, cfactor=4, relax="F", fwd_iters=1, bwd_iters=1)

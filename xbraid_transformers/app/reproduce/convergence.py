@@ -14,7 +14,7 @@ SETTINGS = {
     "quick": dict(COMMON, layers=32, depths=[16, 32, 64], train_steps=300, checkpoints=3, iters=3,
                   options=[(2, 2, "F"), (2, 4, "F"), (2, 8, "F"), (2, 2, "FCF"), (2, 4, "FCF"),
                            (3, 2, "F"), (3, 4, "F")], source="shakespeare"),
-    "full": dict(COMMON, d_model=64, layers=64, depths=[32, 64, 128], train_steps=2000,
+    "full": dict(COMMON, layers=64, depths=[16, 32, 64, 128], train_steps=1000,
                  checkpoints=5, iters=4, options=[(2, 2, "F"), (2, 4, "F"), (2, 8, "F"),
                                                   (2, 2, "FCF"), (2, 4, "FCF"), (2, 8, "FCF"),
                                                   (3, 2, "F"), (3, 4, "F"), (4, 2, "F")],

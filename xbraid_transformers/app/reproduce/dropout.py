@@ -12,7 +12,7 @@ COMMON = dict(d_model=32, heads=4, seq_len=32, batch_size=8, lr=2e-3, seed=0, vo
 SETTINGS = {
     "micro": dict(COMMON, layers=8, iters=4, train_steps=4, eval_batches=1, source="synthetic"),
     "quick": dict(COMMON, layers=16, iters=6, train_steps=150, eval_batches=4, source="shakespeare"),
-    "full": dict(COMMON, d_model=64, layers=32, iters=8, train_steps=1000, eval_batches=8,
+    "full": dict(COMMON, layers=32, iters=8, train_steps=400, eval_batches=8,
                  source="shakespeare"),
 }
 

@@ -13,7 +13,7 @@ SETTINGS = {
     "micro": dict(COMMON, layers=8, train_steps=4, checkpoints=1, iters=[1, 2], source="synthetic"),
     "quick": dict(COMMON, layers=16, train_steps=300, checkpoints=3, iters=[1, 2, 3],
                   source="shakespeare"),
-    "full": dict(COMMON, d_model=64, layers=32, train_steps=2000, checkpoints=4, iters=[1, 2, 3, 4],
+    "full": dict(COMMON, layers=32, train_steps=1000, checkpoints=5, iters=[1, 2, 3, 4],
                  source="shakespeare"),
 }
 

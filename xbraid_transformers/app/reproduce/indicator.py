@@ -57,9 +57,9 @@ SETTINGS = {
         "vit": dict(_VIT, layers=8, d_model=16, heads=2, batch_size=16, cfactor=4, steps=300,
                     probe_every=10, lr=4e-3)}),
     "full": dict(COMMON, seeds=[0, 1, 2], window=20, families={
-        "gpt": dict(_GPT, steps=600, probe_every=25),
-        "bert": dict(_BERT, steps=500, probe_every=25),
-        "vit": dict(_VIT, steps=500, probe_every=25)}),
+        "gpt": dict(_GPT, steps=500, probe_every=20),
+        "bert": dict(_BERT, steps=300, probe_every=20),
+        "vit": dict(_VIT, steps=300, probe_every=20)}),
 }
 FAMILY_TITLES = {"gpt": "GPT (LM)", "bert": "BERT (MLM)", "vit": "ViT"}
 STAND_INS = {"synthetic": "the synthetic token-counting encoder task",
