@@ -2,6 +2,7 @@
 ``xbt.distributed.spawn`` (gloo) or ``mpiexec`` (mpi4py) run. The single-process reference is
 computed with the same functions and ``comm=None``."""
 import os
+import shutil
 import sys
 import time
 
@@ -11,6 +12,20 @@ from torch import nn
 import xbraid_transformers as xbt
 from xbraid_transformers.distributed import gather_state_dict, init_distributed, layer_data_groups
 from xbraid_transformers.mgrit.comm import CommunicationError
+
+def mpiexec_or_skip() -> str:
+    """The mpiexec beside this interpreter (the mpich wheel's) or on PATH; skips the test when
+    it or mpi4py is missing."""
+    exe = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        exe = None
+    if exe is None:
+        import pytest   # this module is also an mpiexec worker, which needs no pytest
+        pytest.skip("mpi4py or mpiexec is missing: pip install mpi4py mpich (the dev extras)")
+    return exe
+
 
 D_MODEL, NHEAD, FF = 8, 2, 16
 SEED, DROPOUT_SEED = 0, 1234

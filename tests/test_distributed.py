@@ -9,7 +9,6 @@ reduction order (a data-parallel batch split, SGD steps compared after a state-d
 round-off-equal runs) are compared to round-off.
 """
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -76,19 +75,8 @@ def test_parity_with_the_single_process_run_over_gloo(nprocs, reference):
         assert max(counts) < len(reference["mgrit-1/1"]["first"]["grads"])
 
 
-def _mpiexec():
-    exe = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return None
-    return exe
-
-
 def test_parity_under_mpiexec_with_mpi4py(tmp_path, reference):
-    exe = _mpiexec()
-    if exe is None:
-        pytest.skip("mpi4py or mpiexec is missing: pip install mpi4py mpich (the dev extras)")
+    exe = du.mpiexec_or_skip()
     out = tmp_path / "mpi"
     env = dict(os.environ, XBT_TIMEOUT=str(TIMEOUT), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))

@@ -2,7 +2,6 @@
 parent, a parent that forwards SIGTERM/SIGHUP, an MPI job that ends when a rank hangs, a
 rendezvous that listens on no network interface, and ranks that pass different data."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from xbraid_transformers.distributed import spawn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import reliability_workers as workers  # noqa: E402
+from dist_utils import mpiexec_or_skip  # noqa: E402
 
 linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc (Linux)")
 
@@ -120,13 +120,7 @@ def test_spawned_workers_die_with_their_parent(tmp_path, signum):
 
 # ---------------------------------------------------------------------------- mpiexec
 def test_mpiexec_ends_when_a_rank_hangs(tmp_path):
-    exe = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        exe = None
-    if exe is None:
-        pytest.skip("mpi4py or mpiexec is missing: pip install mpi4py mpich (the dev extras)")
+    exe = mpiexec_or_skip()
     job = subprocess.Popen([exe, "-n", "2", sys.executable, os.path.join(HERE, "reliability_workers.py"),
                             "mpi-rank-hangs"], env=dict(_env(), XBT_TIMEOUT="2"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -6,7 +6,6 @@ unchanged by torchrun and by mpiexec (mpi4py).
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -23,6 +22,8 @@ from xbraid_transformers.distributed import (clip_grad_norm_, gather_optimizer_s
 from xbraid_transformers.mgrit.comm import SERIAL
 from xbraid_transformers.mgrit.config import MGRITConfig
 from xbraid_transformers.multilevel import MultilevelConfig
+
+from dist_utils import mpiexec_or_skip
 
 TIMEOUT = 60.0
 TASK = dict(name="synthetic", layers=8, d_model=16, heads=2, seq_len=6, batch_size=4,
@@ -203,13 +204,7 @@ def test_xbt_under_torchrun(tmp_path, single_cli):
 
 
 def test_xbt_under_mpiexec(tmp_path, single_cli):
-    exe = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        exe = None
-    if exe is None:
-        pytest.skip("mpi4py or mpiexec is missing: pip install mpi4py mpich (the dev extras)")
+    exe = mpiexec_or_skip()
     command = [exe, "-n", "2", sys.executable, "-m", "xbraid_transformers.cli", *CLI]
     _check_launched(*_launch(command, tmp_path / "run"), single_cli)
 
