@@ -7,6 +7,7 @@ threshold) and ``residuals.png`` (residual histories of the probes).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Dict, List, Optional
@@ -62,7 +63,11 @@ def table(runs: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
+@contextlib.contextmanager
+def figure(path: str, dpi: int = 100, **subplots):
+    """``with figure(path, figsize=(7, 4)) as (fig, ax):`` draws on new axes (``subplots`` go to
+    ``plt.subplots``) and writes the PNG with a tight layout when the block ends; the figure is
+    closed even when drawing fails."""
     try:
         import matplotlib
     except ImportError as error:
@@ -70,7 +75,13 @@ def _pyplot():
                            "(or pip install 'xbraid_transformers[cli]')") from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt
+    fig, axes = plt.subplots(**subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def _probes(summary: dict) -> List[dict]:
@@ -78,70 +89,58 @@ def _probes(summary: dict) -> List[dict]:
 
 
 def plot_losses(path: str, runs: Dict[str, dict]) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, s in runs.items():
-        steps = [r["step"] for r in s["history"]]
-        ax.plot(steps, [r["loss"] for r in s["history"]], label=name, color=COLORS.get(name),
-                lw=1)
-        if s.get("switch_step") is not None:
-            ax.axvline(s["switch_step"], color=COLORS.get(name, "k"), ls=":", lw=1,
-                       label=f"{name} switches to serial")
-    ax.set_xlabel("batch")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("Training loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(7, 4)) as (fig, ax):
+        for name, s in runs.items():
+            steps = [r["step"] for r in s["history"]]
+            ax.plot(steps, [r["loss"] for r in s["history"]], label=name, color=COLORS.get(name),
+                    lw=1)
+            if s.get("switch_step") is not None:
+                ax.axvline(s["switch_step"], color=COLORS.get(name, "k"), ls=":", lw=1,
+                           label=f"{name} switches to serial")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title("Training loss")
 
 
 def plot_rho(path: str, runs: Dict[str, dict], threshold: float) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, s in runs.items():
-        for direction, marker in (("forward", "o"), ("backward", "s")):
-            points = [(d["step"], d["rho"][direction]) for d in _probes(s)
-                      if d["rho"][direction] is not None]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker=marker, ms=3, lw=1, color=COLORS.get(name),
-                        ls="-" if direction == "forward" else "--", label=f"{name} {direction}")
-    ax.axhline(threshold, color="k", ls=":", lw=1, label=f"threshold {threshold:g}")
-    ax.set_xlabel("batch")
-    ax.set_ylabel("convergence factor rho (final probe iteration)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("MGRIT convergence factor at the probes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(7, 4)) as (fig, ax):
+        for name, s in runs.items():
+            for direction, marker in (("forward", "o"), ("backward", "s")):
+                points = [(d["step"], d["rho"][direction]) for d in _probes(s)
+                          if d["rho"][direction] is not None]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, marker=marker, ms=3, lw=1, color=COLORS.get(name),
+                            ls="-" if direction == "forward" else "--", label=f"{name} {direction}")
+        ax.axhline(threshold, color="k", ls=":", lw=1, label=f"threshold {threshold:g}")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("convergence factor rho (final probe iteration)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.set_title("MGRIT convergence factor at the probes")
 
 
 def plot_residuals(path: str, runs: Dict[str, dict], max_curves: int = 6) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, direction in zip(axes, ("forward", "backward")):
-        for name, s in runs.items():
-            probes = _probes(s)
-            pick = probes[::max(1, math.ceil(len(probes) / max_curves))]
-            for i, d in enumerate(pick):
-                for m in d["measurements"]:
-                    if m["direction"] != direction or m["module"] != 0 or not m["residuals"]:
-                        continue
-                    shade = 0.3 + 0.7 * (i + 1) / len(pick)
-                    ax.plot(range(1, len(m["residuals"]) + 1), m["residuals"], marker="o", ms=3,
-                            color=COLORS.get(name), alpha=shade, lw=1,
-                            label=f"{name} batch {d['step']}")
-        ax.set_yscale("log")
-        ax.set_xlabel("MGRIT iteration with a residual")
-        ax.set_ylabel("residual norm")
-        ax.set_title(f"{direction} solve: residual histories of the probes")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, ncols=2, figsize=(10, 4)) as (fig, axes):
+        for ax, direction in zip(axes, ("forward", "backward")):
+            for name, s in runs.items():
+                probes = _probes(s)
+                pick = probes[::max(1, math.ceil(len(probes) / max_curves))]
+                for i, d in enumerate(pick):
+                    for m in d["measurements"]:
+                        if m["direction"] != direction or m["module"] != 0 or not m["residuals"]:
+                            continue
+                        shade = 0.3 + 0.7 * (i + 1) / len(pick)
+                        ax.plot(range(1, len(m["residuals"]) + 1), m["residuals"], marker="o", ms=3,
+                                color=COLORS.get(name), alpha=shade, lw=1,
+                                label=f"{name} batch {d['step']}")
+            ax.set_yscale("log")
+            ax.set_xlabel("MGRIT iteration with a residual")
+            ax.set_ylabel("residual norm")
+            ax.set_title(f"{direction} solve: residual histories of the probes")
+            ax.legend(fontsize=6)
 
 
 def write_report(out_dir: str, runs: Dict[str, dict], threshold: float, title: str,

@@ -25,14 +25,17 @@ MODES = ("micro", "quick", "full")
 
 @dataclass
 class Verdict:
-    """The verdict, the rule that produced it, and the numbers the rule read."""
+    """The verdict, the rule that produced it, the numbers the rule read, and those numbers in a
+    phrase for the summary tables (REPORT.md and the README)."""
 
     label: str
     rule: str
     evidence: str
+    headline: str = ""
 
     def as_dict(self) -> dict:
-        return {"label": self.label, "rule": self.rule, "evidence": self.evidence}
+        return {"label": self.label, "rule": self.rule, "evidence": self.evidence,
+                "headline": self.headline}
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Experiment:
     tables: Callable[[dict], str]
     plot: Callable[[dict, str], None]
     verdict: Callable[[dict], Verdict]
+    paper: str = ""       # the paper's numbers in a phrase, for the summary tables
     notes: List[str] = field(default_factory=list)
 
 

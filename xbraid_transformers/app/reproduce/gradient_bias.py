@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..report import figure
 from .base import (CONFIRMED, CONTRADICTED, Experiment, Verdict, batch, fmt, make_gpt, markdown,
-                   pyplot, text_data, train)
+                   text_data, train)
 
 COMMON = dict(d_model=32, heads=4, seq_len=32, batch_size=8, lr=2e-3, seed=0, vocab=64,
               levels=2, cfactor=4, relax="F")
@@ -72,22 +73,18 @@ def tables(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    iters = result["settings"]["iters"]
-    for c in result["checkpoints"]:
-        for vary, fixed, ls in (("fwd_iters", "bwd_iters", "-"), ("bwd_iters", "fwd_iters", "--")):
-            pts = [(r[vary], r["rel_error"]) for r in c["rows"] if r[fixed] == iters[0]]
-            ax.plot(*zip(*pts), ls=ls, marker="o", ms=3,
-                    label=f"step {c['step']}: vary {vary.split('_')[0]}")
-    ax.set_xlabel("iterations")
-    ax.set_ylabel("relative gradient error")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("Layer-parallel gradient vs exact")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with figure(path, dpi=90, figsize=(7, 4)) as (fig, ax):
+        iters = result["settings"]["iters"]
+        for c in result["checkpoints"]:
+            for vary, fixed, ls in (("fwd_iters", "bwd_iters", "-"), ("bwd_iters", "fwd_iters", "--")):
+                pts = [(r[vary], r["rel_error"]) for r in c["rows"] if r[fixed] == iters[0]]
+                ax.plot(*zip(*pts), ls=ls, marker="o", ms=3,
+                        label=f"step {c['step']}: vary {vary.split('_')[0]}")
+        ax.set_xlabel("iterations")
+        ax.set_ylabel("relative gradient error")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.set_title("Layer-parallel gradient vs exact")
 
 
 def verdict(result: dict) -> Verdict:
@@ -103,7 +100,9 @@ def verdict(result: dict) -> Verdict:
     return Verdict(label, f"confirmed when one more forward iteration lowers the gradient error more "
                           f"than one more backward iteration (({hi},{lo}) vs ({lo},{hi}) "
                           f"forward/backward) at most checkpoints",
-                   f"{wins} of {n} checkpoints; " + "; ".join(cases))
+                   f"{wins} of {n} checkpoints; " + "; ".join(cases),
+                   f"one more forward iteration helps more than one more backward at {wins} of {n} "
+                   f"checkpoints")
 
 
 EXPERIMENT = Experiment(
@@ -112,4 +111,5 @@ EXPERIMENT = Experiment(
           "needs more iterations than the backward one (the loss is more sensitive to forward "
           "error), and one backward iteration is often enough (the runs use 1-3 forward, 1-2 "
           "backward).",
+    paper="forward needs more iterations than backward (runs use 1-3 forward, 1-2 backward)",
     settings=SETTINGS, run=run, tables=tables, plot=plot, verdict=verdict)
