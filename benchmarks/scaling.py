@@ -26,13 +26,15 @@ the same critical path priced with the step costs measured on this machine (``co
 adjoint step, an adjoint step of the final sweep that also forms parameter gradients, and a
 serial layer), split by phase, to say which sweep bounds the critical path.
 
+The measurement itself is ``xbraid_transformers.app.bench.scaling`` (shared with ``xbt
+reproduce``'s scaling experiment); this script chooses the grid and writes the results.
+
     python benchmarks/scaling.py [--layers 32 64 128 256 512] [--reps 3]
 writes benchmarks/results/scaling.json, scaling.md and scaling.png;
     python benchmarks/scaling.py --targets [--rounds 3] [--reps 5]
 measures only the target cells, several times (scaling_targets.json and .md).
 """
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -40,162 +42,14 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
-import xbraid_transformers as xbt
-from xbraid_transformers.core.blocks import encoder_rhs
-from xbraid_transformers.perf import INFINIBAND, NVLINK, cost_model, emulate
+from xbraid_transformers.app.bench.scaling import (LINKS, Shape, best_rows, configurations, label, make_layers,
+                                                   measure_world, unit_costs)
 
-D, HEADS, FF, BATCH, SEQ = 32, 2, 64, 2, 16
+SHAPE = Shape(d_model=32, heads=2, ff=64, batch=2, seq=16)
 OUT = os.path.join(os.path.dirname(__file__), "results")
-LINKS = {"NVLINK": NVLINK, "INFINIBAND": INFINIBAND}
 TARGETS = {(128, 8): 3.5, (512, 64): 10.0}   # issue 14, one forward / one backward iteration
 TARGET_CELLS = [(128, 8), (512, 32), (512, 64)]   # and where the cost model says 10x is possible
-
-
-def make_layers(n):
-    torch.manual_seed(0)
-    return [nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.0, norm_first=True, batch_first=True)
-            for _ in range(n)]
-
-
-def configurations(n, p):
-    """Every option set of the grid whose coarsest level gives each of p ranks whole intervals."""
-    out = []
-    for levels, m, (fi, bi) in itertools.product((2, 3, 4), (2, 4, 8), ((1, 1), (2, 1))):
-        spacing = m ** (levels - 1)
-        if n % spacing or (n // spacing) % p:
-            continue
-        for relax in (("FCF",) if fi == 1 else ("F", "FCF")):
-            out.append(dict(levels=levels, cfactor=m, relax=relax, fwd_iters=fi, bwd_iters=bi))
-    return out
-
-
-def timed_steps(comm, stack, x, reps, links):
-    """Virtual time of one training step under each link: the minimum over ``reps`` after a
-    warm-up, the links alternating step by step so that all of them see the same machine load;
-    also this rank's own clock and compute when the step ends (before the closing collective)."""
-    best = {}
-    for rep in range(reps + 1):
-        for link in links:
-            comm.link = LINKS[link]
-            stack.counts.reset()
-            for p in stack.parameters():
-                p.grad = None
-            comm.allreduce_sum(0.0)                     # start together
-            comm.clock.reset()
-            stack(x.clone().requires_grad_()).square().mean().backward()
-            comm.clock.tick()
-            mine = (comm.clock.time, comm.clock.compute)
-            comm.allreduce_sum(0.0)                     # the step ends when the last rank is done
-            if rep and (link not in best or comm.clock.time < best[link][0]):
-                best[link] = (comm.clock.time, *mine)
-    return best
-
-
-def serial_step_time(stack, x):
-    """Thread CPU time of one serial training step (autograd through all layers)."""
-    for p in stack.parameters():
-        p.grad = None
-    start = time.thread_time()
-    stack(x.clone().requires_grad_()).square().mean().backward()
-    return time.thread_time() - start
-
-
-def world_sweep(comm, layers, plan, x, reps):
-    """One rank of one (N, P) world: every (configuration, links) of ``plan`` in turn, in
-    lockstep. Rank 0 also times a serial step of all layers before each configuration (the
-    other ranks wait meanwhile), so that the baseline is measured under the same machine load
-    as the runs it is compared with."""
-    stack = xbt.LayerParallel(layers, rhs=encoder_rhs, mgrit=xbt.MGRITConfig(**plan[0][0]),
-                              comm=comm, partition="even")
-    serial = xbt.LayerParallel(layers, rhs=encoder_rhs).serial() if comm.rank == 0 else None
-    serial_times = [serial_step_time(serial, x) for _ in range(2)][1:] if serial else []
-    results = []
-    for options, links in plan:
-        if serial:
-            serial_times.append(serial_step_time(serial, x))
-        stack.mgrit = xbt.MGRITConfig(**options)
-        for link, (t, own, compute) in timed_steps(comm, stack, x, reps, links).items():
-            results.append(dict(time=t, own=own, compute=compute, counts=dict(vars(stack.counts))))
-    return results, serial_times
-
-
-def unit_costs(x, reps=5, n=32):
-    """Seconds (thread CPU time, minimum over reps) of one layer step of each kind."""
-    layers, h = make_layers(n), 1.0 / n
-
-    def per_layer(fn):
-        best = float("inf")
-        for _ in range(reps):
-            start = time.thread_time()
-            fn()
-            best = min(best, time.thread_time() - start)
-        return best / n
-
-    graphs = []
-
-    def forward():
-        with torch.no_grad():
-            for layer in layers:
-                torch.add(x, encoder_rhs(layer, x), alpha=h)
-
-    def record():
-        graphs.clear()
-        for layer in layers:
-            leaf = x.detach().requires_grad_()
-            with torch.enable_grad():
-                graphs.append((leaf, encoder_rhs(layer, leaf)))
-
-    def adjoint():
-        for leaf, f in graphs:
-            torch.autograd.grad(f, leaf, h * x, retain_graph=True)
-
-    def adjoint_final():
-        for layer, (leaf, f) in zip(layers, graphs):
-            torch.autograd.grad(f, [leaf, *layer.parameters()], h * x, retain_graph=True)
-
-    serial = xbt.LayerParallel(layers, rhs=encoder_rhs).serial()
-    costs = dict(serial=per_layer(lambda: serial_step_time(serial, x)), forward=per_layer(forward),
-                 record=per_layer(record))
-    return dict(costs, adjoint=per_layer(adjoint), adjoint_final=per_layer(adjoint_final))
-
-
-def label(row):
-    relax = row["relax"] if row["iters"] != "1/1" else "F=FCF"
-    return f"L{row['levels']} m{row['cfactor']} {relax} {row['iters']}"
-
-
-def measure_world(n, p, plan, layers, x, reps, units):
-    """Run every (configuration, link) of ``plan`` in one emulated world of p ranks; one row
-    each, with the cost model and the calibrated critical path beside the measurement."""
-    out = emulate(world_sweep, p, layers, plan, x, reps)
-    serial_s = min(out[0][1])
-    rows = []
-    runs = [(options, link) for options, links in plan for link in links]
-    for i, (options, link) in enumerate(runs):
-        per_rank = [o[0][i] for o in out]
-        t = per_rank[0]["time"]            # after the closing collective: equal on all ranks
-        critical = max(range(p), key=lambda r: per_rank[r]["own"])
-        setting = (n, p, options["levels"], options["cfactor"], options["fwd_iters"], options["bwd_iters"])
-        model = cost_model(*setting, relax=options["relax"])
-        # the same critical path priced with the measured step costs (hops left out: 5-10 us)
-        priced = cost_model(*setting, relax=options["relax"],
-                            step_costs=dict(units, forward_final=units["record"]))
-        phases, predicted = priced["phases"], priced["parallel"]
-        measured_counts = [r["counts"] for r in per_rank]
-        rows.append(dict(
-            layers=n, ranks=p, link=link, levels=options["levels"], cfactor=options["cfactor"],
-            relax=options["relax"], iters=f"{options['fwd_iters']}/{options['bwd_iters']}",
-            serial_s=serial_s, parallel_s=t, speedup=serial_s / t,
-            model_speedup=model["speedup"], model_phases=model["phases"],
-            calibrated_s=predicted, calibrated_phases=phases,
-            calibrated_speedup=priced["speedup"],
-            critical_rank=critical, critical_compute_s=per_rank[critical]["compute"],
-            critical_wait_s=per_rank[critical]["own"] - per_rank[critical]["compute"],
-            counts_match_model=measured_counts == [vars(c) for c in model["per_rank"]],
-            counts_critical=measured_counts[critical]))
-    return rows
 
 
 def main():
@@ -211,7 +65,7 @@ def main():
                     help="with --targets: times every cell is measured, round-robin over the cells")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    x = torch.randn(BATCH, SEQ, D)
+    x = torch.randn(SHAPE.batch, SHAPE.seq, SHAPE.d_model)
     start = time.time()
     if args.targets:
         cells = TARGET_CELLS
@@ -221,11 +75,11 @@ def main():
     for round_ in range(args.rounds if args.targets else 1):
         for n in sorted({n for n, _ in cells}):
             # measured again for every N: the load of a shared machine drifts
-            units = unit_costs(x)
+            units = unit_costs(x, SHAPE)
             step_costs.setdefault(n, []).append(units)
             print(f"N={n}: step costs (ms):", {k: round(v * 1e3, 3) for k, v in units.items()},
                   flush=True)
-            layers = make_layers(n)
+            layers = make_layers(n, SHAPE)
             for p in [p for m, p in cells if m == n]:
                 configs = configurations(n, p)
                 if args.targets:
@@ -243,7 +97,8 @@ def main():
                       f"{best['link']}: {best['speedup']:5.2f}x (model {best['model_speedup']:5.2f}x) "
                       f"[{time.time() - start:.0f} s]", flush=True)
     os.makedirs(OUT, exist_ok=True)
-    meta = dict(d_model=D, heads=HEADS, ff=FF, batch=BATCH, seq=SEQ, reps=args.reps,
+    meta = dict(d_model=SHAPE.d_model, heads=SHAPE.heads, ff=SHAPE.ff, batch=SHAPE.batch, seq=SHAPE.seq,
+                reps=args.reps,
                 rounds=args.rounds if args.targets else 1,
                 step_costs_s=step_costs, serial_s_per_world=serial,
                 links={k: vars(v) for k, v in LINKS.items()},
@@ -299,16 +154,6 @@ def write_targets_table(rows, meta):
     lines += [line for *_, line in sorted(table)]
     with open(os.path.join(OUT, "scaling_targets.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-
-
-def best_rows(rows, iters, link="NVLINK"):
-    best = {}
-    for r in rows:
-        if r["iters"] == iters and r["link"] == link:
-            key = (r["layers"], r["ranks"])
-            if key not in best or r["speedup"] > best[key]["speedup"]:
-                best[key] = r
-    return best
 
 
 def write_table(rows, meta):

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from _common import compare, parallel_config, parser
 
-from xbraid_transformers.models import Bert, BertClassifier, BertConfig, mask_tokens
+from xbraid_transformers.models import Bert, BertClassifier, BertConfig
+from xbraid_transformers.models.bert import classification_metrics, mlm_eval_loss, sample_mlm_batch
 
 flags = parser(__doc__, layers=8, steps=200, batch=32, lr=1e-3)
 flags.add_argument("--finetune-steps", type=int, default=200)
@@ -36,17 +37,15 @@ if args.synthetic:  # sentences from one of two Markov chains; the class is the 
     mlm_train, mlm_val = sentences(4000, 2)[0], sentences(500, 3)[0]
     (clf_train, y_train), (clf_val, y_val) = sentences(2000, 4), sentences(500, 5)
 else:
+    from xbraid_transformers.app.tasks.base import token_rows
     from xbraid_transformers.data import (encode_for_classification, imdb_lm, pad_sequences,
                                           rotten_tomatoes_splits)
     data = imdb_lm(tokenizer="wordpiece", vocab_size=8192)   # cached; ~40 s the first time
     tokenizer, vocab = data.tokenizer, data.vocab_size
     assert [tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
 
-    def windows(stream, n):  # n windows of the review stream, each led by [CLS]: (n, max_len)
-        body = torch.from_numpy(stream[: n * (args.max_len - 1)].astype("int64")).view(n, -1)
-        return torch.cat([torch.full((n, 1), CLS), body], 1)
-
-    mlm_train, mlm_val = windows(data.splits["train"], 20_000), windows(data.splits["val"], 1_000)
+    mlm_train, mlm_val = (token_rows(data.splits[s], args.max_len, CLS)[:n]   # rows led by [CLS]
+                          for s, n in (("train", 20_000), ("val", 1_000)))
     rotten = rotten_tomatoes_splits()
 
     def encoded(split):
@@ -56,21 +55,12 @@ else:
 
     (clf_train, y_train), (clf_val, y_val) = encoded("train"), encoded("val")
 
-def mlm_batch(data, g, size):
-    return mask_tokens(data[torch.randint(len(data), (size,), generator=g)], MASK, vocab,
-                       special_ids=(PAD, CLS, SEP), generator=g)
-
-
 def mlm_eval(model):
-    g = torch.Generator().manual_seed(123)
-    return {"val_mlm_loss": round(sum(model.mlm_loss(*mlm_batch(mlm_val, g, 100)).item()
-                                      for _ in range(5)) / 5, 4)}
+    return {"val_mlm_loss": round(mlm_eval_loss(model, mlm_val, (PAD, CLS, SEP)), 4)}
 
 
 def clf_eval(model):
-    logits = torch.cat([model(clf_val[i:i + 250]) for i in range(0, len(clf_val), 250)])
-    return {"val_loss": round(F.cross_entropy(logits, y_val).item(), 4),
-            "val_accuracy": round((logits.argmax(-1) == y_val).float().mean().item(), 4)}
+    return {f"val_{k}": round(v, 4) for k, v in classification_metrics(model, clf_val, y_val).items()}
 
 
 def clf_batch(g):
@@ -83,7 +73,8 @@ config = BertConfig(vocab_size=vocab, max_len=args.max_len, d_model=128, n_heads
                     parallel=parallel_config(args))
 print("== masked-LM pre-training")
 _, pretrained = compare(args, Bert(config), lambda m, b: m.mlm_loss(*b),
-                        lambda g: mlm_batch(mlm_train, g, args.batch), mlm_eval)
+                        lambda g: sample_mlm_batch(mlm_train, args.batch, MASK, vocab, (PAD, CLS, SEP), g),
+                        mlm_eval)
 print("== fine-tuning on sentence polarity (each mode starts from its own pre-trained model)")
 args.steps, mode = args.finetune_steps, args.mode
 for trained_mode, bert in pretrained.items():

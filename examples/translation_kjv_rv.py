@@ -11,30 +11,21 @@ import torch
 import torch.nn.functional as F
 from _common import compare, parallel_config, parser
 
+from xbraid_transformers.data import DataSourceMissing
+from xbraid_transformers.data.translation import (SYNTHETIC_BOS, SYNTHETIC_EOS, SYNTHETIC_PAD, greedy_bleu,
+                                                  synthetic_pairs)
 from xbraid_transformers.models import Seq2Seq, Seq2SeqConfig
 
 flags = parser(__doc__, layers=4, steps=300, batch=32, lr=1e-3)
 flags.add_argument("--max-len", type=int, default=48)
 args = flags.parse_args()
 torch.manual_seed(args.seed)
-PAD, BOS, EOS = 0, 1, 2
+PAD, BOS, EOS = SYNTHETIC_PAD, SYNTHETIC_BOS, SYNTHETIC_EOS
 detokenize = None
 
 if args.synthetic:  # "translate" = reverse the sentence and map every word to another word
     vocab = 40
-    perm = 3 + torch.randperm(vocab - 3, generator=torch.Generator().manual_seed(1))
-
-    def pairs(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        lengths = torch.randint(4, 12, (n,), generator=g)
-        src = torch.full((n, 12), PAD)
-        tgt = torch.full((n, 14), PAD)
-        for i, k in enumerate(lengths.tolist()):
-            words = torch.randint(vocab - 3, (k,), generator=g)
-            src[i, :k] = 3 + words
-            tgt[i, :k + 2] = torch.cat([torch.tensor([BOS]), perm[words.flip(0)], torch.tensor([EOS])])
-        return src, tgt
-    (src_train, tgt_train), (src_val, tgt_val) = pairs(4000, 2), pairs(300, 3)
+    (src_train, tgt_train), (src_val, tgt_val) = synthetic_pairs(4000, 2, vocab), synthetic_pairs(300, 3, vocab)
 else:
     from xbraid_transformers.data import kjv_rv_translation  # the offline loader (docs/data.md)
     data = kjv_rv_translation(vocab_size=8000, max_len=args.max_len)   # cached after the first call
@@ -61,15 +52,9 @@ def evaluate(model):
     metrics = {"val_loss": round(F.cross_entropy(logits[keep], labels[keep]).item(), 4),
                "val_token_accuracy": round((logits.argmax(-1)[keep] == labels[keep]).float().mean().item(), 4)}
     try:
-        import sacrebleu
-    except ImportError:
-        return metrics
-    out = model.greedy_decode(src[:50], max_len=tgt.shape[1])
-    text = detokenize or (lambda ids: " ".join(map(str, ids)))
-    strip = lambda row: [t for t in row.tolist() if t > EOS]  # noqa: E731
-    hyps = [text(strip(r)) for r in out]
-    refs = [text(strip(r)) for r in tgt[:50]]
-    metrics["val_bleu"] = round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+        metrics["val_bleu"] = round(greedy_bleu(model, src[:50], tgt[:50], detokenize), 2)
+    except DataSourceMissing:  # sacrebleu is not installed
+        pass
     return metrics
 
 

@@ -8,6 +8,7 @@ import torch
 
 import xbraid_transformers.data as D
 from xbraid_transformers.data import DataSourceMissing, tokenize
+from xbraid_transformers.models import mask_tokens
 
 SENTENCES = ["To be, or not to be, that is the question.",
              "Whether 'tis nobler in the mind to suffer",
@@ -110,11 +111,11 @@ def test_split_indices_partition():
         D.split_indices(10, (0.5, 0.2, 0.2))
 
 
-def test_mlm_mask():
+def test_mask_tokens_fractions():
     ids = torch.randint(5, 100, (64, 64), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 2
-    inp, lab = D.mlm_mask(ids, mask_id=4, vocab_size=100, special_ids=[2], prob=0.15,
-                          generator=torch.Generator().manual_seed(1))
+    inp, lab = mask_tokens(ids, mask_id=4, vocab_size=100, special_ids=[2], prob=0.15,
+                           generator=torch.Generator().manual_seed(1))
     chosen = lab != -100
     assert not chosen[:, 0].any()
     assert torch.equal(lab[chosen], ids[chosen]) and torch.equal(inp[~chosen], ids[~chosen])
@@ -140,6 +141,15 @@ def test_synthetic_lm_deterministic():
     x, y = a.get_batch("train", 4, 16, torch.Generator().manual_seed(0))
     assert x.shape == (4, 16) and int(x.max()) < a.vocab_size and torch.equal(x[:, 1:], y[:, :-1])
     assert torch.equal(D.random_tokens(10, 7, seed=3), D.random_tokens(10, 7, seed=3))
+
+
+def test_synthetic_lm_splits_share_their_motifs():
+    """The validation text is the same language as the training text: every period-long chunk of
+    either split is one of the training split's few motifs."""
+    data = D.synthetic_lm(vocab_size=64, period=8, seed=0)
+    chunks = {split: {tuple(c) for c in data.splits[split][: len(data.splits[split]) // 8 * 8].reshape(-1, 8)}
+              for split in ("train", "val")}
+    assert len(chunks["train"]) == 4 and chunks["val"] <= chunks["train"]
 
 
 def test_seq2seq_tasks():

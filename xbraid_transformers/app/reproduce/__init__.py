@@ -13,12 +13,15 @@ import os
 import time
 from typing import Callable, Dict, Iterable, List, Optional
 
-from . import buffers, convergence, dropout, encoder_parity, gradient_bias, indicator
+from . import (buffers, convergence, dropout, encoder_parity, finetune, gradient_bias, indicator, multilevel,
+               scaling, translation)
 from .base import MODES, Experiment, Verdict
 
+# in the order: the layer-parallel paper's claims, then the multilevel paper's
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
-    convergence.EXPERIMENT, gradient_bias.EXPERIMENT, dropout.EXPERIMENT, buffers.EXPERIMENT,
-    encoder_parity.EXPERIMENT, indicator.EXPERIMENT)}
+    convergence.EXPERIMENT, gradient_bias.EXPERIMENT, indicator.EXPERIMENT, dropout.EXPERIMENT,
+    buffers.EXPERIMENT, translation.EXPERIMENT, finetune.EXPERIMENT, encoder_parity.EXPERIMENT,
+    scaling.EXPERIMENT, multilevel.EXPERIMENT)}
 
 __all__ = ["EXPERIMENTS", "MODES", "Experiment", "Verdict", "run_experiment", "load_records",
            "summary_table", "write_report", "reproduce"]

@@ -173,8 +173,7 @@ def markdown(header: List[str], rows: List[list]) -> str:
     return "\n".join(lines)
 
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def trailing_mean(values: List[float], window: int) -> List[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+            for i in range(len(values))]

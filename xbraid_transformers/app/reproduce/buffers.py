@@ -12,7 +12,7 @@ COMMON = dict(d_model=32, heads=4, seq_len=32, batch_size=8, lr=2e-3, seed=0, vo
 SETTINGS = {
     "micro": dict(COMMON, layers=8, train_steps=4, checkpoints=2, eval_batches=1, lipschitz_iters=5,
                   source="synthetic"),
-    "quick": dict(COMMON, layers=16, train_steps=300, checkpoints=3, eval_batches=4,
+    "quick": dict(COMMON, layers=16, train_steps=200, checkpoints=3, eval_batches=4,
                   lipschitz_iters=20, source="shakespeare"),
     "full": dict(COMMON, layers=16, train_steps=600, checkpoints=5, eval_batches=8,
                  lipschitz_iters=30, source="shakespeare"),

@@ -11,7 +11,7 @@ from .base import CONFIRMED, CONTRADICTED, Experiment, Verdict, fmt, markdown
 COMMON = dict(d_model=32, heads=4, seq_len=12, batch_size=16, vocab=8, lr=3e-3, seed=0)
 SETTINGS = {
     "micro": dict(COMMON, d_model=16, layers=8, steps=4, eval_every=2, ranks=[1, 2]),
-    "quick": dict(COMMON, layers=16, steps=100, eval_every=10, ranks=[1, 2, 4]),
+    "quick": dict(COMMON, layers=16, steps=60, eval_every=10, ranks=[1, 2, 4]),
     "full": dict(COMMON, layers=32, steps=200, eval_every=10, ranks=[1, 2, 4, 8]),
 }
 TOLERANCE = 1e-5

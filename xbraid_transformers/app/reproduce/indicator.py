@@ -27,7 +27,7 @@ from ...mgrit.config import MGRITConfig
 from ..tasks import TaskConfig, build_task
 from ..trainer import TrainConfig, Trainer, seed_everything
 from ..report import figure
-from .base import Experiment, Verdict, combine, fmt, markdown
+from .base import Experiment, Verdict, combine, fmt, markdown, trailing_mean
 
 RUNS = ("serial", "parallel", "adaptive-rho", "adaptive-gradient")
 GAP_TOL = 0.02        # the adaptive (rho) run's final eval loss within 2 % of serial's
@@ -51,11 +51,11 @@ SETTINGS = {
                     relax="F", fwd_iters=2, bwd_iters=1, lr=3e-2, warmup=0, clip=0.0, steps=120,
                     probe_every=5)}),
     "quick": dict(COMMON, seeds=[0, 1, 2], window=10, families={
-        "gpt": dict(_GPT, layers=8, d_model=16, heads=2, seq_len=16, batch_size=8, steps=400,
+        "gpt": dict(_GPT, layers=8, d_model=16, heads=2, seq_len=16, batch_size=8, steps=300,
                     probe_every=10, lr=4e-3),
         "bert": dict(_BERT, layers=4, d_model=16, heads=2, seq_len=16, batch_size=8, steps=150,
                      probe_every=10, lr=4e-3),
-        "vit": dict(_VIT, layers=8, d_model=16, heads=2, batch_size=16, cfactor=4, steps=300,
+        "vit": dict(_VIT, layers=8, d_model=16, heads=2, batch_size=16, cfactor=4, steps=250,
                     probe_every=10, lr=4e-3)}),
     "full": dict(COMMON, seeds=[0, 1, 2], window=20, families={
         "gpt": dict(_GPT, steps=500, probe_every=20),
@@ -126,10 +126,6 @@ def run(s: dict, progress) -> dict:
 
 
 # ---------------------------------------------------------------------------- the analysis
-def trailing_mean(values: List[float], window: int) -> List[float]:
-    return [mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
-
-
 def parting_batch(serial: List[float], parallel: List[float], window: int, tol: float) -> Optional[int]:
     """The first batch from which on the trailing-mean parallel loss stays more than ``tol``
     (relative) above the serial one; None when it never parts for good."""

@@ -1,0 +1,110 @@
+"""The scaling experiment: its verdict follows the numbers it reads, and the measurement core
+(``app.bench.scaling``, shared with ``benchmarks/scaling.py``) counts and prices what independent
+sources say.
+
+Oracles: XBraid's evaluation counts (``tests/data/xbraid_counts.json``) for one rank; the grid of
+hierarchies enumerated by hand; the link model's documented prices (NVLink-class: 5 us a hop,
+150 GB/s; a collective ``2 ceil(log2 P)`` hops); an encoder layer's parameters counted from its
+shapes.
+"""
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from xbraid_transformers.app.bench.scaling import (Shape, allreduce_time, configurations, make_layers,
+                                                   measure_world, unit_costs)
+from xbraid_transformers.app.reproduce import run_experiment
+from xbraid_transformers.app.reproduce.base import CONFIRMED, CONTRADICTED
+from xbraid_transformers.app.reproduce.scaling import EXPERIMENT, SETTINGS, verdict
+
+TABLE = json.loads((Path(__file__).parent / "data" / "xbraid_counts.json").read_text())
+TINY = Shape(d_model=8, heads=2, ff=16, batch=1, seq=4)
+
+
+# ---------------------------------------------------------------------------- the verdict rule
+def row(n, p, speedup, levels=2, cfactor=4):
+    return dict(layers=n, ranks=p, levels=levels, cfactor=cfactor, serial_s=1.0, parallel_s=1 / speedup,
+                speedup=speedup, model_speedup=speedup, calibrated_speedup=speedup, counts_match_model=True,
+                config=f"L{levels} m{cfactor} F=FCF 1/1")
+
+
+def synthetic(depth_speedups=(1.0, 2.0, 3.0), rank_speedups=(0.6, 1.2, 2.4, 4.0),
+              times=(5.0, 3.0, 4.0, 6.0)):
+    s = dict(SETTINGS["micro"], depths=[32, 64, 128], depth_ranks=8, ranks=[1, 2, 4, 8], ranks_layers=256,
+             grid=[128, 8], grid_levels=[2], cfactors=[4], data=dict(layers=64, ranks=8, batch=16, seq=16))
+    worlds = {f"{n}/8": [row(n, 8, v)] for n, v in zip(s["depths"], depth_speedups)}
+    worlds |= {f"256/{p}": [row(256, p, v)] for p, v in zip(s["ranks"], rank_speedups)}
+    data = [dict(data=2 ** i, layer=8 // 2 ** i, batch=16 // 2 ** i, config="L2 m4 F=FCF 1/1", step_s=t * 1e-3,
+                 allreduce_s=0.0, time_s=t * 1e-3, gradients=1, counts_match_model=True, serial_full_batch_s=0.01)
+            for i, t in enumerate(times)]
+    return {"settings": s, "worlds": worlds, "data_parallel": data}
+
+
+def test_verdict_confirms_rising_speedups_and_an_interior_minimum():
+    assert verdict(synthetic()).label == CONFIRMED
+
+
+@pytest.mark.parametrize("perturbed", [
+    dict(depth_speedups=(3.0, 2.0, 1.0)),             # speedup falls with depth
+    dict(depth_speedups=(2.0, 2.1, 2.2)),             # rises by less than the 1.2x asked
+    dict(rank_speedups=(4.0, 2.4, 1.2, 0.6)),         # falls with ranks
+    dict(times=(3.0, 4.0, 5.0, 6.0)),                 # least at d = 1
+    dict(times=(6.0, 5.0, 4.0, 3.0)),                 # least at d = P
+    dict(times=(5.0, 4.9, 5.1, 6.0)),                 # interior, but within the margin of d = 1
+])
+def test_verdict_follows_perturbed_numbers(perturbed):
+    assert verdict(synthetic(**perturbed)).label == CONTRADICTED
+
+
+def test_one_dip_in_a_rising_series_is_tolerated():
+    assert verdict(synthetic(rank_speedups=(0.6, 1.2, 3.0, 2.8))).label == CONFIRMED
+
+
+# ---------------------------------------------------------------------------- the measurement core
+def test_configurations_are_the_hierarchies_whose_coarsest_level_splits_evenly():
+    # N = 32, P = 4: spacing m^(L-1) leaves a multiple of 4 coarse intervals for (L, m) = (2, 2),
+    # (2, 4), (2, 8), (3, 2), (4, 2); each once with 1/1 iterations, with F and FCF for 2/1
+    got = {(c["levels"], c["cfactor"], c["relax"], c["fwd_iters"]) for c in configurations(32, 4)}
+    hierarchies = [(2, 2), (2, 4), (2, 8), (3, 2), (4, 2)]
+    assert got == {(lv, m, "FCF", 1) for lv, m in hierarchies} | {(lv, m, r, 2) for lv, m in hierarchies
+                                                                   for r in ("F", "FCF")}
+    assert len(configurations(32, 4)) == 15
+
+
+def test_one_rank_counts_are_xbraids():
+    rows = [r for r in TABLE["rows"] if r["skip"] and r["iterations"] <= 2 and r["levels"] <= 3]
+    plan = [(dict(levels=r["levels"], cfactor=r["cfactor"], relax=r["relax"], fwd_iters=r["iterations"],
+                  bwd_iters=r["iterations"]), ["NVLINK"]) for r in rows]
+    x = TINY.input()
+    measured = measure_world(32, 1, plan, make_layers(32, TINY), x, 1, unit_costs(x, TINY, reps=1, n=4))
+    for expected, got in zip(rows, measured):
+        c = got["counts_critical"]
+        assert (c["forward_fine"], c["forward_coarse"], c["adjoint_fine"], c["adjoint_coarse"]) == \
+            (expected["fine"], expected["coarse"], expected["fine"], expected["coarse"]), expected
+        assert got["counts_match_model"] and got["parallel_s"] > 0 and got["serial_s"] > 0
+
+
+def test_all_reduce_costs_the_documented_collective():
+    numel = 250_000
+    assert allreduce_time(numel, 1) == 0.0
+    for ranks in (2, 4, 8):
+        hops = 2 * math.ceil(math.log2(ranks))
+        assert allreduce_time(numel, ranks) == pytest.approx(hops * 5e-6 + 4 * numel / 150e9, abs=2e-5)
+
+
+def test_micro_run_counts_the_gradients_and_the_steps(tmp_path):
+    torch.set_num_threads(1)
+    record = run_experiment(EXPERIMENT, "micro", str(tmp_path), progress=lambda _: None)
+    result = record["result"]
+    d, ff = result["settings"]["d_model"], result["settings"]["ff"]
+    per_layer = 4 * d * d + 4 * d + 2 * d * ff + ff + d + 4 * d       # attention, feed-forward, 2 norms
+    n = result["settings"]["data"]["layers"]
+    for r in result["data_parallel"]:
+        assert r["gradients"] == per_layer * n // r["layer"]
+        assert r["time_s"] == pytest.approx(r["step_s"] + r["allreduce_s"])
+    assert all(r["counts_match_model"] for rows in result["worlds"].values() for r in rows)
+    assert record["verdict"] == verdict(copy.deepcopy(result)).as_dict()
