@@ -9,12 +9,14 @@ the measured numbers by the rule it states.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ...core.layer_parallel import find_stacks
 from ...data.sources import DataSourceMissing
 from ...mgrit.config import MGRITConfig
 from ...models import GPT, GPTConfig, ParallelConfig
@@ -117,23 +119,27 @@ def train(model, data, s: dict, steps: int, start: int = 0, lr: Optional[float] 
     return optimizer
 
 
-@torch.no_grad()
-def eval_loss(model, data, s: dict, batches: int) -> float:
-    """Mean loss of the exact network (serial mode, eval) over fixed validation batches."""
-    parallel = [stack.parallel for stack in _stacks(model)]
+@contextlib.contextmanager
+def exact_network(model):
+    """The model in eval mode with every layer-parallel stack serial (the exact network) inside
+    the block; each stack's mode and training mode are restored after it."""
+    stacks = find_stacks(model)
+    modes = [stack.parallel for stack in stacks]
     model.eval().serial()
     try:
-        return sum(model(*batch(data, s, 10_000 + i, "val"))[1].item()
-                   for i in range(batches)) / batches
+        with torch.no_grad():
+            yield model
     finally:
-        for stack, flag in zip(_stacks(model), parallel):
-            stack.set_parallel(flag)
+        for stack, parallel in zip(stacks, modes):
+            stack.set_parallel(parallel)
         model.train()
 
 
-def _stacks(model):
-    from ...core.layer_parallel import find_stacks
-    return find_stacks(model)
+def eval_loss(model, data, s: dict, batches: int) -> float:
+    """Mean loss of the exact network over fixed validation batches."""
+    with exact_network(model):
+        return sum(model(*batch(data, s, 10_000 + i, "val"))[1].item()
+                   for i in range(batches)) / batches
 
 
 def solve_histories(model, inputs, iters: int, **options) -> dict:

@@ -18,14 +18,13 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ...core.layer_parallel import find_stacks
 from ...data.sources import DataSourceMissing
 from ...data.translation import bleu, content_ids, greedy_translations, kjv_rv_translation, synthetic_pairs
 from ...mgrit.config import MGRITConfig
 from ...models import ParallelConfig, Seq2Seq, Seq2SeqConfig
 from ..report import figure
-from .base import (CONFIRMED, CONTRADICTED, NOT_MEASURABLE, Experiment, Verdict, fmt, markdown,
-                   trailing_mean)
+from .base import (CONFIRMED, CONTRADICTED, NOT_MEASURABLE, Experiment, Verdict, exact_network, fmt,
+                   markdown, trailing_mean)
 
 RUNS = ("serial", "parallel", "switched")
 BLEU_FLOOR = 2.0      # below it serial training has not learnt to translate: nothing to compare
@@ -100,24 +99,16 @@ def make_model(s: dict, pairs: _Pairs) -> Seq2Seq:
                                  parallel=ParallelConfig(mgrit=mgrit, dropout_seed=s["seed"])))
 
 
-@torch.no_grad()
 def evaluate(model: Seq2Seq, pairs: _Pairs, s: dict) -> dict:
     """Held-out loss and greedy BLEU of the exact network (serial, eval); the stacks' modes are
     restored afterwards."""
-    stacks = find_stacks(model)
-    modes = [stack.parallel for stack in stacks]
-    model.eval().serial()
-    try:
+    with exact_network(model):
         src, tgt = pairs.val
         loss = model.loss(src[:s["eval_pairs"]], tgt[:s["eval_pairs"]]).item()
         src, tgt = src[:s["bleu_pairs"]], tgt[:s["bleu_pairs"]]
         hypotheses = greedy_translations(model, src, tgt.shape[1], pairs.detokenize)
         references = [_text(pairs, row) for row in tgt]
         return {"eval_loss": loss, "bleu": bleu(hypotheses, references), "hypotheses": hypotheses}
-    finally:
-        for stack, parallel in zip(stacks, modes):
-            stack.set_parallel(parallel)
-        model.train()
 
 
 def _text(pairs: _Pairs, row: torch.Tensor) -> str:
