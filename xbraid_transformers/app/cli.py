@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small configuration (minutes on 2 cores)")
     p.add_argument("--out", help="output directory (default runs/compare-<task>)")
     p = sub.add_parser("reproduce", help="the papers' claims at small scale, with verdicts")
-    p.add_argument("--quick", action="store_true", help="small sizes (about 20 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="small sizes (about 10 minutes on 2 cores)")
     p.add_argument("--micro", action="store_true", help=argparse.SUPPRESS)   # the test suite's size
     p.add_argument("--only", nargs="+", metavar="NAME", help="run these experiments only")
     p.add_argument("--out", default=os.path.join("runs", "reproduce"), help="output directory")
