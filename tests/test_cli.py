@@ -23,6 +23,8 @@ TINY = ["--task", "synthetic", "--layers", "4", "--d-model", "8", "--heads", "2"
       "--steps", "40"], "no fine steps"),
     (["train", "--task", "synthetic", "--schedule", "multilevel", "--cycle", "w"], "invalid choice"),
     (["train", "--task", "synthetic", "--optimizer", "lion"], "invalid choice"),
+    (["train", "--task", "synthetic", "--trigger", "loss"], "invalid choice"),
+    (["train", "--task", "synthetic", "--grad-threshold", "0"], "positive number"),
     (["train", "--task", "synthetic", "--momentum", "1"], "in [0, 1)"),
     (["train", "--task", "synthetic", "--schedule", "multilevel", "--coarse-gradients", "half"],
      "invalid choice"),

@@ -38,3 +38,10 @@ def test_the_command_line_defaults_are_the_table_where_a_task_sets_nothing():
     task_cfg, train_cfg = make_configs(values, "synthetic", args.mode, None)
     assert task_cfg.mgrit == default_mgrit()
     assert train_cfg.mode == DEFAULTS["mode"] and train_cfg.clip == DEFAULTS["clip"]
+
+
+def test_the_gradient_trigger_is_chosen_on_the_command_line():
+    args = build_parser().parse_args(["train", "--task", "synthetic", "--trigger", "gradient",
+                                      "--grad-threshold", "0.3"])
+    _, train_cfg = make_configs(resolve(args), "synthetic", args.mode, None)
+    assert (train_cfg.control.trigger, train_cfg.control.grad_threshold) == ("gradient", 0.3)

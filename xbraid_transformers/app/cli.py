@@ -27,7 +27,7 @@ import sys
 import time
 from typing import List, Optional
 
-from ..control import ACTIONS, ControlConfig
+from ..control import ACTIONS, TRIGGERS, ControlConfig
 from ..multilevel import COARSE_GRADIENTS, CYCLES, OPTIMIZER_STATES, PROLONGATIONS, MultilevelConfig
 from .defaults import DEFAULTS, default_mgrit
 from .tasks import TASKS, TaskConfig, TaskUnavailable
@@ -102,7 +102,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="tqdm bar (default: when attached to a terminal)")
     g = p.add_argument_group("adaptive control")
     g.add_argument("--probe-every", type=_positive_int)
+    g.add_argument("--trigger", choices=TRIGGERS,
+                   help="rho: act when rho > --threshold; gradient: when the probe's estimate of the "
+                        "gradient's relative error > --grad-threshold (docs/algorithm.md)")
     g.add_argument("--threshold", type=_positive_float)
+    g.add_argument("--grad-threshold", type=_positive_float)
     g.add_argument("--action", choices=[a for a in ACTIONS if a != "monitor"])
     g.add_argument("--max-iters", type=_positive_int)
     g.add_argument("--floor", type=_nonneg_float)
@@ -329,8 +333,10 @@ def cmd_compare(args, parser) -> int:
              f"{values['steps']} batches of {values['batch_size']}, seed {values['seed']}, lr "
              f"{values['lr']:g}; MGRIT {mg.levels} levels, cfactor {values['cfactor']}, "
              f"{values['relax']}-relaxation, {mg.fwd_iters} forward / {mg.bwd_iters} backward "
-             f"iterations; probes every {values['probe_every']} batches, threshold "
-             f"{values['threshold']:g}, action {values['action']}",
+             f"iterations; probes every {values['probe_every']} batches, trigger "
+             + (f"rho > {values['threshold']:g}" if values["trigger"] == "rho" else
+                f"relative gradient error > {values['grad_threshold']:g}")
+             + f", action {values['action']}",
              "all three runs start from the same initialisation and see the same batches; the "
              "layer-parallel run is probed on the same schedule for the rho plot (monitor only)",
              "eval loss: the exact (serial) network on fixed validation batches",

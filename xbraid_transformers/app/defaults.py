@@ -2,9 +2,9 @@
 ``TrainConfig`` and the README's table all read it. Tasks override entries for their own
 sizes (``TaskSpec.defaults``); the command line overrides both.
 
-The controller's options (probe_every, threshold, action, max_iters, floor) are
-``ControlConfig``'s own defaults, read from there so that the library and the application
-cannot disagree.
+The controller's options (probe_every, trigger, threshold, grad_threshold, action, max_iters,
+floor) are ``ControlConfig``'s own defaults, read from there so that the library and the
+application cannot disagree.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from ..control import ControlConfig
 from ..mgrit.config import MGRITConfig
 
 _CONTROL = {f.name: f.default for f in dataclasses.fields(ControlConfig)
-            if f.name in ("probe_every", "threshold", "action", "max_iters", "floor")}
+            if f.name in ("probe_every", "trigger", "threshold", "grad_threshold", "action", "max_iters",
+                          "floor")}
 
 #: option -> (default, what it means)
 TABLE = {
