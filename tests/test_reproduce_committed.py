@@ -1,6 +1,7 @@
-"""The committed full-size report in ``benchmarks/results/reproduce/`` is what its JSON files say:
-every stored verdict follows from the stored numbers by the experiment's current rule, REPORT.md
-is the report rebuilt from them, and the README's summary table is the report's."""
+"""The committed reports (full size in ``benchmarks/results/reproduce/``, quick size beside it) are
+what their JSON files say: every stored verdict follows from the stored numbers by the
+experiment's current rule, each REPORT.md is the report rebuilt from them, and the README's
+summary table is the full report's."""
 import json
 import os
 import shutil
@@ -11,25 +12,28 @@ from xbraid_transformers.app.reproduce import EXPERIMENTS, load_records, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(ROOT, "benchmarks", "results", "reproduce")
+REPORTS = {"full": COMMITTED, "quick": COMMITTED + "-quick"}
 MARKERS = ("<!-- reproduce-summary -->\n", "<!-- /reproduce-summary -->")
 
 
+@pytest.mark.parametrize("mode", list(REPORTS))
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
-def test_every_experiment_has_a_full_size_record_whose_verdict_follows_its_numbers(name):
-    with open(os.path.join(COMMITTED, f"{name}.json"), encoding="utf-8") as handle:
+def test_every_experiment_has_a_record_whose_verdict_follows_its_numbers(name, mode):
+    with open(os.path.join(REPORTS[mode], f"{name}.json"), encoding="utf-8") as handle:
         record = json.load(handle)
-    assert record["mode"] == "full"
+    assert record["mode"] == mode
     # the sizes the code runs today (as JSON stores them: tuples become lists)
-    assert record["result"]["settings"] == json.loads(json.dumps(EXPERIMENTS[name].settings["full"]))
+    assert record["result"]["settings"] == json.loads(json.dumps(EXPERIMENTS[name].settings[mode]))
     assert EXPERIMENTS[name].verdict(record["result"]).as_dict() == record["verdict"]
-    assert os.path.getsize(os.path.join(COMMITTED, record["figure"])) > 10_000
+    assert os.path.getsize(os.path.join(REPORTS[mode], record["figure"])) > 10_000
 
 
-def test_report_is_the_one_rebuilt_from_the_json_files(tmp_path):
+@pytest.mark.parametrize("mode", list(REPORTS))
+def test_report_is_the_one_rebuilt_from_the_json_files(tmp_path, mode):
     for name in EXPERIMENTS:
-        shutil.copy(os.path.join(COMMITTED, f"{name}.json"), tmp_path)
+        shutil.copy(os.path.join(REPORTS[mode], f"{name}.json"), tmp_path)
     with open(write_report(str(tmp_path)), encoding="utf-8") as rebuilt, \
-            open(os.path.join(COMMITTED, "REPORT.md"), encoding="utf-8") as committed:
+            open(os.path.join(REPORTS[mode], "REPORT.md"), encoding="utf-8") as committed:
         assert rebuilt.read() == committed.read()
 
 

@@ -1,7 +1,7 @@
 """The indicator experiment's analysis and verdict rule on hand-made results (known answers)."""
 import copy
 
-from xbraid_transformers.app.reproduce.base import CONFIRMED, CONTRADICTED
+from xbraid_transformers.app.reproduce.base import CONFIRMED, CONTRADICTED, NOT_MEASURABLE
 from xbraid_transformers.app.reproduce.indicator import (analyse, checks, first_probe_above,
                                                         parting_batch, trailing_mean, verdict)
 
@@ -54,3 +54,16 @@ def test_verdict_follows_the_stated_rule():
     for p in never["families"]["gpt"]["seeds"]["0"]["parallel"]["probes"]:
         p["rho"] = 0.5
     assert analyse(never)["gpt"]["rows"][0]["late"] is True and verdict(never).label == CONTRADICTED
+
+
+def test_timing_needs_losses_that_part():
+    apart = _result()
+    together = copy.deepcopy(apart)             # layer-parallel never falls behind serial
+    runs = together["families"]["gpt"]["seeds"]["0"]
+    runs["parallel"]["loss"] = list(runs["serial"]["loss"])
+    assert checks(together)["gpt"]["timely"] is None
+    assert verdict(together).label == NOT_MEASURABLE
+    # a second family whose losses part makes the timing measurable again
+    together["settings"]["families"]["bert"] = apart["settings"]["families"]["gpt"]
+    together["families"]["bert"] = apart["families"]["gpt"]
+    assert verdict(together).label == CONFIRMED

@@ -19,7 +19,7 @@ from xbraid_transformers.app.bench.scaling import (Shape, allreduce_time, config
                                                    measure_world, unit_costs)
 from xbraid_transformers.app.reproduce import run_experiment
 from xbraid_transformers.app.reproduce.base import CONFIRMED, CONTRADICTED
-from xbraid_transformers.app.reproduce.scaling import EXPERIMENT, SETTINGS, verdict
+from xbraid_transformers.app.reproduce.scaling import EXPERIMENT, SETTINGS, run, verdict
 
 TABLE = json.loads((Path(__file__).parent / "data" / "xbraid_counts.json").read_text())
 TINY = Shape(d_model=8, heads=2, ff=16, batch=1, seq=4)
@@ -89,11 +89,15 @@ def test_one_rank_counts_are_xbraids():
 
 
 def test_all_reduce_costs_the_documented_collective():
-    numel = 250_000
-    assert allreduce_time(numel, 1) == 0.0
+    """5 us per hop, 2 ceil(log2 d) hops, 150 GB/s: the latency term alone for a small message
+    (plus the thread's own few microseconds of work), the bandwidth term as the difference of two."""
+    small, large = 250_000, 2_000_000
+    assert allreduce_time(small, 1) == 0.0
     for ranks in (2, 4, 8):
         hops = 2 * math.ceil(math.log2(ranks))
-        assert allreduce_time(numel, ranks) == pytest.approx(hops * 5e-6 + 4 * numel / 150e9, abs=2e-5)
+        t_small, t_large = allreduce_time(small, ranks), allreduce_time(large, ranks)
+        assert t_small == pytest.approx(hops * 5e-6 + 4 * small / 150e9, abs=5e-6)
+        assert t_large - t_small == pytest.approx(4 * (large - small) / 150e9, rel=0.1)
 
 
 def test_micro_run_counts_the_gradients_and_the_steps(tmp_path):
@@ -108,3 +112,11 @@ def test_micro_run_counts_the_gradients_and_the_steps(tmp_path):
         assert r["time_s"] == pytest.approx(r["step_s"] + r["allreduce_s"])
     assert all(r["counts_match_model"] for rows in result["worlds"].values() for r in rows)
     assert record["verdict"] == verdict(copy.deepcopy(result)).as_dict()
+
+
+def test_settings_that_cannot_be_measured_are_clear_errors():
+    s = SETTINGS["micro"]
+    with pytest.raises(ValueError, match="whole coarsest interval"):
+        run(dict(s, depths=[8], depth_ranks=8), lambda _: None)
+    with pytest.raises(ValueError, match="power-of-two"):
+        run(dict(s, data=dict(s["data"], ranks=3)), lambda _: None)

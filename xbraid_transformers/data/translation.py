@@ -399,14 +399,19 @@ def content_ids(ids: Sequence[int], bos_id: int, eos_id: int, pad_id: int) -> Li
     return out
 
 
+def row_texts(rows: torch.Tensor, bos_id: int, eos_id: int, pad_id: int,
+              detokenize: Optional[Callable[[List[int]], str]] = None) -> List[str]:
+    """Each row's words (:func:`content_ids`) as text: ``detokenize(ids)``, by default the ids
+    joined by spaces."""
+    text = detokenize or (lambda ids: " ".join(map(str, ids)))
+    return [text(content_ids(row.tolist(), bos_id, eos_id, pad_id)) for row in rows]
+
+
 def greedy_translations(model, src: torch.Tensor, max_len: int,
                         detokenize: Optional[Callable[[List[int]], str]] = None) -> List[str]:
-    """Greedy translations of ``src`` by a ``models.Seq2Seq`` as text: ``detokenize(ids)``
-    (default: the ids joined by spaces) of each row's words."""
+    """Greedy translations of ``src`` by a ``models.Seq2Seq`` as text (:func:`row_texts`)."""
     c = model.config
-    text = detokenize or (lambda ids: " ".join(map(str, ids)))
-    return [text(content_ids(row.tolist(), c.bos_id, c.eos_id, c.pad_id))
-            for row in model.greedy_decode(src, max_len=max_len)]
+    return row_texts(model.greedy_decode(src, max_len=max_len), c.bos_id, c.eos_id, c.pad_id, detokenize)
 
 
 def greedy_bleu(model, src: torch.Tensor, tgt: torch.Tensor,
@@ -414,6 +419,5 @@ def greedy_bleu(model, src: torch.Tensor, tgt: torch.Tensor,
     """Corpus BLEU of the model's greedy translations of ``src`` against the references ``tgt``
     (BOS ... EOS, PAD-filled), both made text by the same ``detokenize``."""
     c = model.config
-    text = detokenize or (lambda ids: " ".join(map(str, ids)))
-    references = [text(content_ids(row.tolist(), c.bos_id, c.eos_id, c.pad_id)) for row in tgt]
+    references = row_texts(tgt, c.bos_id, c.eos_id, c.pad_id, detokenize)
     return bleu(greedy_translations(model, src, tgt.shape[1], detokenize), references)

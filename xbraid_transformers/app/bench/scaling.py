@@ -37,9 +37,9 @@ class Shape:
     batch: int = 2
     seq: int = 16
 
-    def input(self, seed: int = 0, batch: int = 0) -> torch.Tensor:
+    def input(self, seed: int = 0) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
-        return torch.randn(batch or self.batch, self.seq, self.d_model, generator=generator)
+        return torch.randn(self.batch, self.seq, self.d_model, generator=generator)
 
 
 def make_layers(n: int, shape: Shape = Shape()) -> List[nn.Module]:

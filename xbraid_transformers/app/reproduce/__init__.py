@@ -55,7 +55,8 @@ def section(record: dict) -> str:
         f"**Ours** ({record['mode']} size, {record['seconds']:.0f} s on this machine):",
         experiment.tables(record["result"]),
         f"![{experiment.name}]({record['figure']})",
-        f"**Verdict: {v['label']}.** {v['evidence']}. Rule: {v['rule']}."])
+        f"**Verdict: {v['label']}.** {v['evidence']}. Rule: {v['rule']}.",
+        *(f"*Caveat:* {note}" for note in experiment.notes)])
 
 
 def load_records(out_dir: str) -> List[dict]:

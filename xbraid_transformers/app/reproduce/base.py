@@ -51,7 +51,7 @@ class Experiment:
     plot: Callable[[dict, str], None]
     verdict: Callable[[dict], Verdict]
     paper: str = ""       # the paper's numbers in a phrase, for the summary tables
-    notes: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)   # what the size or the stand-in limits, in the report
 
 
 def combine(checks) -> str:

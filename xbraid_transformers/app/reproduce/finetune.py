@@ -265,8 +265,8 @@ def verdict(result: dict) -> Verdict:
         f"not measurable unless the serially pre-trained model's mean fine-tuned accuracy beats the "
         f"majority class by more than {100 * s['chance_margin']:.0f} points (about three binomial "
         f"standard errors on the held-out set); then confirmed when |mean Δ accuracy| is at most "
-        f"{100 * s['tolerance']:.0f} points (the paper's largest gap, 1.2, plus our held-out set's "
-        f"binomial standard error) or the seed-to-seed standard deviation of the serial runs' "
+        f"{100 * s['tolerance']:.0f} points (fixed: the paper's largest gap, 1.2, rounded up) or the "
+        f"seed-to-seed standard deviation of the serial runs' "
         f"accuracy if larger (a gap no bigger than re-seeding the same training), else contradicted",
         f"serial fine-tuned accuracy {fmt(m['serial_accuracy'])} against a floor of {fmt(floor)}; "
         f"mean Δ accuracy {100 * m['delta_accuracy']:+.2f} points against a tolerance of "
@@ -283,4 +283,9 @@ EXPERIMENT = Experiment(
           "model: accuracy differences 0% on CoLA, 0% on MRPC and 1.2% on QNLI. GLUE is not "
           "available offline; Rotten-Tomatoes sentence polarity stands in for the fine-tuning task.",
     settings=SETTINGS, run=run, tables=tables, plot=plot, verdict=verdict,
-    paper="Δ accuracy: CoLA 0%, MRPC 0%, QNLI 1.2%")
+    paper="Δ accuracy: CoLA 0%, MRPC 0%, QNLI 1.2%",
+    notes=["At this size masked-LM pre-training learns little beyond token frequencies (its loss "
+           "falls from about 7.6 to 6.4 within 50 steps and then stays flat), so the layer-parallel "
+           "phase has little to get wrong: a confirmed verdict says the two pre-trainings lead to "
+           "the same fine-tuned accuracy here, not that layer-parallel pre-training of a BERT that "
+           "learns language is harmless."])

@@ -41,7 +41,11 @@ def _shape(s, batch=None, seq=None) -> Shape:
 
 def _plan(n, p, levels, s):
     """One forward / one backward iteration (F and FCF coincide), the link of the settings."""
-    return [(c, [s["link"]]) for c in configurations(n, p, levels, s["cfactors"], ((1, 1),))]
+    plan = [(c, [s["link"]]) for c in configurations(n, p, levels, s["cfactors"], ((1, 1),))]
+    if not plan:
+        raise ValueError(f"no hierarchy of levels {levels} and cfactors {s['cfactors']} gives each of "
+                         f"{p} ranks a whole coarsest interval of {n} layers")
+    return plan
 
 
 def _compact(row) -> dict:
@@ -105,7 +109,14 @@ def _data_parallel(s, progress) -> list:
     return out
 
 
+def _check_data_split(data: dict) -> None:
+    if data["ranks"] & (data["ranks"] - 1) or data["batch"] % data["ranks"]:
+        raise ValueError(f"the layer x data split needs a power-of-two number of ranks that divides the "
+                         f"batch; got {data['ranks']} ranks and batch {data['batch']}")
+
+
 def run(s: dict, progress) -> dict:
+    _check_data_split(s["data"])
     return {"settings": s, "worlds": _speedup_worlds(s, progress), "data_parallel": _data_parallel(s, progress)}
 
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ...data.sources import DataSourceMissing
-from ...data.translation import bleu, content_ids, greedy_translations, kjv_rv_translation, synthetic_pairs
+from ...data.translation import bleu, greedy_translations, kjv_rv_translation, row_texts, synthetic_pairs
 from ...mgrit.config import MGRITConfig
 from ...models import ParallelConfig, Seq2Seq, Seq2SeqConfig
 from ..report import figure
@@ -107,13 +107,12 @@ def evaluate(model: Seq2Seq, pairs: _Pairs, s: dict) -> dict:
         loss = model.loss(src[:s["eval_pairs"]], tgt[:s["eval_pairs"]]).item()
         src, tgt = src[:s["bleu_pairs"]], tgt[:s["bleu_pairs"]]
         hypotheses = greedy_translations(model, src, tgt.shape[1], pairs.detokenize)
-        references = [_text(pairs, row) for row in tgt]
+        references = _texts(pairs, tgt)
         return {"eval_loss": loss, "bleu": bleu(hypotheses, references), "hypotheses": hypotheses}
 
 
-def _text(pairs: _Pairs, row: torch.Tensor) -> str:
-    ids = content_ids(row.tolist(), pairs.bos_id, pairs.eos_id, pairs.pad_id)
-    return pairs.detokenize(ids) if pairs.detokenize else " ".join(map(str, ids))
+def _texts(pairs: _Pairs, rows: torch.Tensor) -> List[str]:
+    return row_texts(rows, pairs.bos_id, pairs.eos_id, pairs.pad_id, pairs.detokenize)
 
 
 def bootstrap_se(hypotheses: List[str], references: List[str], resamples: int, seed: int) -> float:
@@ -178,8 +177,8 @@ def run(s: dict, progress) -> dict:
     progress("translation: layer-parallel done")
     runs["switched"].train(pairs, s, switch, s["steps"])
     progress("translation: switched done")
-    references = [_text(pairs, row) for row in pairs.val[1][:s["bleu_pairs"]]]
-    sources = [_text(pairs, row) for row in pairs.val[0][:2]]
+    references = _texts(pairs, pairs.val[1][:s["bleu_pairs"]])
+    sources = _texts(pairs, pairs.val[0][:2])
     return {"settings": s, "data": pairs.used, "train_pairs": len(pairs.train[0]),
             "switch_step": switch, "seconds": time.perf_counter() - started,
             "serial_bleu_se": bootstrap_se(runs["serial"].last_eval["hypotheses"], references,
@@ -263,4 +262,7 @@ EXPERIMENT = Experiment(
     paper="layer-parallel and switched reach the serial BLEU",
     settings=SETTINGS, run=run, tables=tables, plot=plot, verdict=verdict,
     notes=["The switch is made at a fixed step (half the run), not by the rho > 1 indicator, "
-           "which the indicator experiment measures; the paper trains on OPUS at full scale."])
+           "which the indicator experiment measures; the paper trains on OPUS at full scale.",
+           "One training seed: the tolerance covers the choice of held-out sentences only, not "
+           "training noise (serial BLEU itself moves by about 1 between the last two evaluations), "
+           "and BLEU in single digits is far from the paper's."])
