@@ -33,7 +33,7 @@ class Verdict:
     label: str
     rule: str
     evidence: str
-    headline: str = ""
+    headline: str
 
     def as_dict(self) -> dict:
         return {"label": self.label, "rule": self.rule, "evidence": self.evidence,
@@ -45,12 +45,12 @@ class Experiment:
     name: str
     title: str
     claim: str            # the paper's claim and numbers, with the figure or table
+    paper: str            # those numbers in a phrase, for the summary tables
     settings: Dict[str, dict]
     run: Callable[[dict, Callable[[str], None]], dict]
     tables: Callable[[dict], str]
     plot: Callable[[dict, str], None]
     verdict: Callable[[dict], Verdict]
-    paper: str = ""       # the paper's numbers in a phrase, for the summary tables
     notes: List[str] = field(default_factory=list)   # what the size or the stand-in limits, in the report
 
 
