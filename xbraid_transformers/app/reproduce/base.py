@@ -96,9 +96,14 @@ def make_gpt(s: dict, vocab: int, *, layers: Optional[int] = None, final_time: f
                          parallel=parallel))
 
 
+def step_generator(s: dict, step: int) -> torch.Generator:
+    """The random stream of batch ``step`` of a run seeded ``s["seed"]``: every run and scheme
+    of an experiment sees the same batches in the same order."""
+    return torch.Generator().manual_seed(s["seed"] * 100_003 + step)
+
+
 def batch(data, s: dict, step: int, split: str = "train"):
-    generator = torch.Generator().manual_seed(s["seed"] * 100_003 + step)
-    return data.get_batch(split, s["batch_size"], s["seq_len"], generator=generator)
+    return data.get_batch(split, s["batch_size"], s["seq_len"], generator=step_generator(s, step))
 
 
 def train(model, data, s: dict, steps: int, start: int = 0, lr: Optional[float] = None,

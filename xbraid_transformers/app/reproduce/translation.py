@@ -24,7 +24,7 @@ from ...mgrit.config import MGRITConfig
 from ...models import ParallelConfig, Seq2Seq, Seq2SeqConfig
 from ..report import figure
 from .base import (CONFIRMED, CONTRADICTED, NOT_MEASURABLE, Experiment, Verdict, exact_network, fmt,
-                   markdown, trailing_mean)
+                   markdown, step_generator, trailing_mean)
 
 RUNS = ("serial", "parallel", "switched")
 BLEU_FLOOR = 2.0      # below it serial training has not learnt to translate: nothing to compare
@@ -55,8 +55,7 @@ class _Pairs:
         self.detokenize = detokenize
 
     def batch(self, s: dict, step: int):
-        generator = torch.Generator().manual_seed(s["seed"] * 100_003 + step)
-        rows = torch.randint(len(self.train[0]), (s["batch_size"],), generator=generator)
+        rows = torch.randint(len(self.train[0]), (s["batch_size"],), generator=step_generator(s, step))
         return self.train[0][rows], self.train[1][rows]
 
 
