@@ -106,6 +106,16 @@ def batch(data, s: dict, step: int, split: str = "train"):
     return data.get_batch(split, s["batch_size"], s["seq_len"], generator=step_generator(s, step))
 
 
+def optimizer_step(model, optimizer, loss) -> float:
+    """One step on ``loss``, the gradient clipped to norm 1 as in every experiment; returns the
+    loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 def train(model, data, s: dict, steps: int, start: int = 0, lr: Optional[float] = None,
           optimizer=None, every: Optional[int] = None, on_step=None):
     """AdamW steps on ``data``'s batches ``start..start+steps-1``; ``on_step(step, loss)`` after
@@ -113,14 +123,10 @@ def train(model, data, s: dict, steps: int, start: int = 0, lr: Optional[float] 
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr or s["lr"])
     model.train()
     for step in range(start, start + steps):
-        loss = model(*batch(data, s, step))[1]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = optimizer_step(model, optimizer, model(*batch(data, s, step))[1])
         if on_step is not None and (every is None or (step - start + 1) % every == 0
                                     or step == start + steps - 1):
-            on_step(step, loss.item())
+            on_step(step, loss)
     return optimizer
 
 

@@ -16,7 +16,7 @@ from ...models.bert import classification_metrics, mlm_eval_loss, sample_mlm_bat
 from ..report import figure
 from ..tasks.base import token_rows
 from ..tasks.bert import BERT_SPECIALS
-from .base import CONFIRMED, CONTRADICTED, NOT_MEASURABLE, Experiment, Verdict, fmt, markdown
+from .base import CONFIRMED, CONTRADICTED, NOT_MEASURABLE, Experiment, Verdict, fmt, markdown, optimizer_step
 
 COMMON = dict(heads=4, batch_size=32, pretrain_lr=1e-3, finetune_lr=1e-3, weight_decay=0.01,
               dropout=0.0, levels=2, cfactor=2, relax="F", fwd_iters=2, bwd_iters=1,
@@ -93,14 +93,6 @@ def _optimizer(model, s: dict, lr: float):
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s["weight_decay"])
 
 
-def _step(model, optimizer, loss) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    return loss.item()
-
-
 def pretrain(bert: Bert, data: Corpora, s: dict, seed: int, parallel_steps: int) -> list:
     """Masked-LM steps: the first ``parallel_steps`` layer-parallel, the rest serial; the same
     batches whatever the switch step. Returns the training loss every ``log_every`` steps."""
@@ -111,7 +103,7 @@ def pretrain(bert: Bert, data: Corpora, s: dict, seed: int, parallel_steps: int)
         bert.layer_parallel() if step < parallel_steps else bert.serial()
         inputs = sample_mlm_batch(data.mlm_train, s["batch_size"], data.mask, data.vocab_size,
                                   data.specials, generator)
-        loss = _step(bert, optimizer, bert.mlm_loss(*inputs))
+        loss = optimizer_step(bert, optimizer, bert.mlm_loss(*inputs))
         if step % s["log_every"] == 0 or step == s["pretrain_steps"] - 1:
             curve.append([step, loss])
     return curve
@@ -131,7 +123,7 @@ def finetune(bert: Bert, data: Corpora, s: dict, seed: int) -> BertClassifier:
     ids, labels = data.clf_train
     for _ in range(steps):
         pick = torch.randint(len(ids), (s["batch_size"],), generator=generator)
-        _step(model, optimizer, F.cross_entropy(model(ids[pick]), labels[pick]))
+        optimizer_step(model, optimizer, F.cross_entropy(model(ids[pick]), labels[pick]))
         schedule.step()
     return model
 

@@ -24,7 +24,7 @@ from ...mgrit.config import MGRITConfig
 from ...models import ParallelConfig, Seq2Seq, Seq2SeqConfig
 from ..report import figure
 from .base import (CONFIRMED, CONTRADICTED, NOT_MEASURABLE, Experiment, Verdict, exact_network, fmt,
-                   markdown, step_generator, trailing_mean)
+                   markdown, optimizer_step, step_generator, trailing_mean)
 
 RUNS = ("serial", "parallel", "switched")
 BLEU_FLOOR = 2.0      # below it serial training has not learnt to translate: nothing to compare
@@ -146,13 +146,9 @@ class _Run:
     def train(self, pairs: _Pairs, s: dict, start: int, stop: int) -> None:
         self.model.train()
         for step in range(start, stop):
-            loss = self.model.loss(*pairs.batch(s, step))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.optimizer.step()
+            loss = optimizer_step(self.model, self.optimizer, self.model.loss(*pairs.batch(s, step)))
             self.curve["steps"].append(step + 1)
-            self.curve["loss"].append(loss.item())
+            self.curve["loss"].append(loss)
             if (step + 1) % s["eval_every"] == 0 or step + 1 == s["steps"]:
                 self.last_eval = evaluate(self.model, pairs, s)
                 self.curve["eval_steps"].append(step + 1)
