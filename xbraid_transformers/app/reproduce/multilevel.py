@@ -79,13 +79,15 @@ def _pairs(result):
 def summary(record: dict, single: dict) -> dict:
     """Median FLOPs and seconds to the target, the saving against single-level's medians
     (1 - multilevel / single-level; negative: multilevel needs more) and the runs that reached."""
-    flops, base = _median([x["flops"] for x in record["runs"]]), _median([x["flops"] for x in single["runs"]])
-    seconds = _median([x["seconds"] for x in record["runs"]])
-    base_seconds = _median([x["seconds"] for x in single["runs"]])
-    return {"flops": flops, "seconds": seconds,
-            "flop_saving": 1 - flops / base if math.isfinite(flops) and math.isfinite(base) else None,
-            "time_saving": 1 - seconds / base_seconds if math.isfinite(seconds) and math.isfinite(base_seconds)
-            else None,
+    def median(r, key):
+        return _median([x[key] for x in r["runs"]])
+
+    def saving(key):
+        value, base = median(record, key), median(single, key)
+        return 1 - value / base if math.isfinite(value) and math.isfinite(base) else None
+
+    return {"flops": median(record, "flops"), "seconds": median(record, "seconds"),
+            "flop_saving": saving("flops"), "time_saving": saving("seconds"),
             "reached": sum(x["flops"] is not None for x in record["runs"]), "runs": len(record["runs"])}
 
 
