@@ -166,6 +166,27 @@ def test_buffer_layers_and_deepnet_init_in_the_model_config():
         Seq2SeqConfig(parallel=p)
 
 
+def test_mlm_loss_runs_the_head_at_the_masked_positions_only():
+    """The same loss and gradients as the vocabulary logits at every position, and the head's
+    product sees only the masked rows."""
+    torch.manual_seed(0)
+    model = Bert(BertConfig(vocab_size=V, max_len=L, num_layers=2, parallel=parallel(), **TINY)).double()
+    g = torch.Generator().manual_seed(3)
+    inputs, labels = mask_tokens(counting(8, g), 4, V, special_ids=(0,), prob=0.3, generator=g)
+    reference = copy.deepcopy(model).serial()
+    expected = torch.nn.functional.cross_entropy(reference.mlm_logits(reference(inputs)).flatten(0, 1),
+                                                 labels.flatten(), ignore_index=-100)
+    seen = []
+    model.mlm_transform.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    loss = model.serial().mlm_loss(inputs, labels)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert seen == [int((labels != -100).sum())] and 0 < seen[0] < labels.numel()
+
+
 def test_mask_tokens_and_greedy_decode():
     g = torch.Generator().manual_seed(0)
     ids = 5 + torch.randint(V - 5, (64, L), generator=g)

@@ -184,7 +184,7 @@ def test_a_bad_xbt_timeout_names_the_variable(monkeypatch, capsys):
 
 @pytest.mark.parametrize("options, message", [
     (["--d-model", "30", "--heads", "4"], "multiple of --heads 4"),
-    (["--nprocs", "16"], "16 ranks but only 4 coarsest-level intervals"),
+    (["--nprocs", "16"], "16 ranks but only 2 coarsest-level intervals"),
     (["--data-path", "mine.txt"], "does not read a data file"),
 ])
 def test_impossible_options_are_argparse_errors_before_any_process_starts(

@@ -16,18 +16,19 @@ def run(evals, final_eval, total_virtual):
 
 def test_time_to_target_is_the_first_evaluation_at_or_below_the_target():
     serial = run([(9, 3.0, 10.0), (19, 2.5, 20.0)], 2.0, 30.0)
-    fast = run([(9, 2.9, 4.0), (19, 2.02, 8.0)], 2.01, 12.0)      # 2.02 <= 1.01 * 2.0
-    slow = run([(9, 2.9, 4.0), (19, 2.1, 8.0)], 2.05, 12.0)       # reaches 2.02 only... never
+    fast = run([(9, 2.9, 4.0), (19, 2.01, 8.0)], 2.009, 12.0)     # 2.01 <= 2.0 + 0.005 * 2.0
+    slow = run([(9, 2.9, 4.0), (19, 2.1, 8.0)], 2.011, 12.0)      # just above 2.01: never
     late = run([(9, 2.9, 4.0), (19, 2.1, 8.0)], 2.0, 12.0)        # only the final evaluation
     runs = {"serial": serial, "fast": fast, "slow": slow, "late": late}
     target = target_loss(runs)
-    assert target == pytest.approx(2.02)
+    assert target == pytest.approx(2.01)
     assert time_to_target(serial, target) == 30.0
     assert time_to_target(fast, target) == 8.0
     assert time_to_target(slow, target) is None
     assert time_to_target(late, target) == 12.0
     rows = {line.split("|")[1].strip(): line for line in table(runs).splitlines()[2:]}
-    assert "| 8.000 |" in rows["fast"] and "| never |" in rows["slow"]
+    assert "| 8.000 | 3.75x |" in rows["fast"] and "| never | - |" in rows["slow"]
+    assert "| 30.000 | 1.00x |" in rows["serial"]
 
 
 def test_no_serial_run_means_no_target():

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from xbraid_transformers.app.reproduce import EXPERIMENTS, load_records, summary_table, write_report
+from xbraid_transformers.app.reproduce.time_to_quality import headline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(ROOT, "benchmarks", "results", "reproduce")
@@ -43,3 +44,13 @@ def test_readme_summary_is_the_committed_report_s():
     start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
     expected = summary_table(load_records(COMMITTED))
     assert readme[start:end].strip() == expected, "README's summary table differs; it should be:\n" + expected
+
+
+def test_readme_headline_is_the_committed_time_to_quality_record_s():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    start = readme.index("<!-- time-to-quality -->\n") + len("<!-- time-to-quality -->\n")
+    end = readme.index("<!-- /time-to-quality -->")
+    with open(os.path.join(COMMITTED, "time-to-quality.json"), encoding="utf-8") as handle:
+        expected = headline(json.load(handle)["result"])
+    assert readme[start:end].strip() == expected, "README's headline table differs; it should be:\n" + expected

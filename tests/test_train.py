@@ -207,9 +207,22 @@ def test_multilevel_resume_mid_phase_with_mgopt_is_bit_identical(tmp_path):
     assert [r["loss"] for r in plain.history][1:3] != [r["loss"] for r in full.history][1:3]
 
 
+def test_nested_iteration_then_adaptive_layer_parallel_training():
+    """In adaptive mode the controller watches the fine model only: no probe in the coarse
+    phases, probes on the run's step count once the fine phase begins."""
+    ml = MultilevelConfig(cycle="nested", coarse_steps=3, levels=2)
+    trainer, summary = _run(_synthetic(layers=8), mode="adaptive", steps=12, lr=3e-3,
+                            control=ControlConfig(probe_every=4), multilevel=ml)
+    strides = [r["stride"] for r in trainer.history]
+    assert strides == [2] * 3 + [1] * 9
+    probes = [r["step"] for r in trainer.history if r["probe"]]
+    assert probes == [4, 8]                              # fine steps 3..11, every 4th of the run
+    assert [d.step for d in trainer.controller.decisions] == probes
+    assert all(r["mode"] == "parallel" for r in trainer.history[3:])
+    assert summary["final_eval_loss"] is not None
+
+
 def test_multilevel_options_are_validated():
-    with pytest.raises(ValueError, match="not adaptive"):
-        TrainConfig(mode="adaptive", multilevel=MultilevelConfig())
     with pytest.raises(ValueError, match="no fine steps"):
         TrainConfig(mode="serial", steps=50, multilevel=MultilevelConfig(coarse_steps=25, levels=3))
     with pytest.raises(ValueError, match="cycle"):

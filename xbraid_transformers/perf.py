@@ -30,8 +30,9 @@ def attach_clock(model: torch.nn.Module, link: LinkModel = NVLINK,
     clock = clock or VirtualClock()
 
     def clocked(comm):
-        inner = comm.inner if isinstance(comm, ClockedComm) else comm
-        return ClockedComm(inner, link, clock=clock)
+        if isinstance(comm, ClockedComm):      # an emulated rank: keep its compute gate
+            return ClockedComm(comm.inner, link, gate=comm.gate, clock=clock)
+        return ClockedComm(comm, link, clock=clock)
 
     for stack in find_stacks(model):
         if stack.comm.size > 1:

@@ -3,14 +3,15 @@
     xbt train --task gpt --layers 16 --mode adaptive --out runs/gpt
     xbt train --task gpt --out runs/gpt --resume            # continue from runs/gpt/checkpoint.pt
     xbt train --task vit --mode parallel --schedule multilevel   # coarse-to-fine in depth
-    xbt compare --task gpt --quick                          # serial vs layer-parallel vs adaptive
+    xbt compare --task gpt --quick --nprocs 8 --emulate     # serial vs layer-parallel vs adaptive
     xbt info                                                # versions, backends, data sources
 
 Every run writes ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt`` into its ``--out``
 directory; ``compare`` adds ``report.md`` and the plots ``loss.png``, ``rho.png`` and
 ``residuals.png``. Options left unset take the task's defaults (``xbt train --task T --help``
 lists the options; ``xbt info`` the tasks and their defaults). ``--nprocs P`` spawns P gloo
-processes; under ``torchrun`` or ``mpiexec`` the command runs unchanged on the launcher's ranks.
+processes (``--emulate``: P ranks as threads of this process with virtual clocks); under
+``torchrun`` or ``mpiexec`` the command runs unchanged on the launcher's ranks.
 
 A run refuses an ``--out`` that already holds a run unless given ``--resume`` (continue it) or
 ``--overwrite`` (start again). A diverged run exits with status 1 and keeps its last good
@@ -19,18 +20,17 @@ checkpoint; SIGTERM or SIGHUP stops the spawned processes and exits with 128 + t
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
 import time
 from typing import List, Optional
 
-from ..control import ACTIONS, TRIGGERS, ControlConfig
-from ..multilevel import COARSE_GRADIENTS, CYCLES, OPTIMIZER_STATES, PROLONGATIONS, MultilevelConfig
-from .defaults import DEFAULTS, default_mgrit
+from ..control import ACTIONS, TRIGGERS
+from ..multilevel import COARSE_GRADIENTS, CYCLES, OPTIMIZER_STATES, PROLONGATIONS
+from .defaults import DEFAULTS
 from .tasks import TASKS, TaskConfig, TaskUnavailable
+from .runs import make_configs, read_run, run_emulated, run_on_rank, run_training
 from .trainer import MODES, OPTIMIZERS, ResumeError, TrainConfig
 
 
@@ -95,6 +95,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=_nonneg_int)
     g.add_argument("--nprocs", type=_positive_int, default=1,
                    help="spawn this many gloo worker processes (layer-parallel ranks)")
+    g.add_argument("--emulate", action="store_true",
+                   help="run the --nprocs ranks as threads of this process, one computing at a "
+                        "time, each with a virtual clock (the time a run would take with a core "
+                        "or GPU per rank; wall time grows with the ranks)")
     g.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads per process (default 1: one core per rank)")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
@@ -170,69 +174,22 @@ def resolve(args: argparse.Namespace, quick: bool = False) -> dict:
     return values
 
 
-def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=None,
-                 progress=None, tensorboard=False, monitor=False):
-    mgrit = default_mgrit(values)
-    if values["layers"] % mgrit.coarsest_spacing:
-        raise ValueError(f"--layers {values['layers']} must be a multiple of cfactor^(levels-1) = "
-                         f"{mgrit.coarsest_spacing}")
-    task_cfg = TaskConfig(name=task, mgrit=mgrit, **{f.name: values[f.name] for f in
-                                                     dataclasses.fields(TaskConfig)
-                                                     if f.name in values})
-    control = ControlConfig(**{f.name: values[f.name] for f in dataclasses.fields(ControlConfig)
-                               if f.name in values})
-    multilevel = None
-    if values["schedule"] == "multilevel":
-        multilevel = MultilevelConfig(cycle=values["cycle"], coarse_steps=values["coarse_steps"],
-                                      fine_steps=values["fine_steps"], levels=values["ml_levels"],
-                                      prolongation=values["prolongation"],
-                                      optimizer_state=values["optimizer_state"],
-                                      mgopt=values["mgopt"], line_search=values["line_search"],
-                                      coarse_gradients=values["coarse_gradients"])
-    train_cfg = TrainConfig(mode=mode, out_dir=out, resume=resume, progress=progress,
-                            tensorboard=tensorboard, monitor=monitor, control=control,
-                            multilevel=multilevel,
-                            **{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)
-                               if f.name in values and f.name != "mode"})
-    return task_cfg, train_cfg
-
-
-def run_training(task_cfg: TaskConfig, train_cfg: TrainConfig, until: Optional[int] = None,
-                 threads: Optional[int] = None, comm=None) -> Optional[dict]:
-    """Seed, build the task (same initialisation for every mode) and train; ``comm``: the
-    layer-parallel group. Returns the summary with its ``history`` (None on ranks other than 0)."""
-    import torch
-
-    from .tasks import build_task
-    from .trainer import Trainer, seed_everything
-    if threads:
-        torch.set_num_threads(threads)
-    seed_everything(task_cfg.seed)
-    task = build_task(task_cfg, comm)
-    trainer = Trainer(task, train_cfg)
-    summary = trainer.fit(until=until)
-    summary["history"] = trainer.history
-    return summary if trainer.is_main else None
-
-
-# ---------------------------------------------------------------------------- commands
-def _on_rank(comm, *args):
-    """Worker entry of ``--nprocs`` (module level, so picklable)."""
-    return run_training(*args, comm=comm)
-
-
 class Runner:
-    """Where the runs happen: this process alone, ``--nprocs`` spawned gloo processes, or the
-    processes of torchrun / mpiexec / srun (each of which runs the command)."""
+    """Where the runs happen: this process alone, ``--nprocs`` spawned gloo processes,
+    ``--nprocs`` ranks emulated as threads of this process (``--emulate``), or the processes of
+    torchrun / mpiexec / srun (each of which runs the command)."""
 
-    def __init__(self, nprocs: int, threads: int, parser):
+    def __init__(self, nprocs: int, threads: int, parser, emulated: bool = False):
         from ..distributed import detect_launcher, init_distributed
-        self.nprocs, self.threads, self.comm = nprocs, threads, None
+        self.nprocs, self.threads, self.comm, self.emulated = nprocs, threads, None, emulated
+        if emulated and threads != 1:
+            parser.error("--emulate: each emulated rank computes on one torch thread; leave "
+                         "--threads out")
         launcher = detect_launcher()
         if launcher != "single":
-            if nprocs > 1:
-                parser.error("--nprocs spawns processes itself; under torchrun, mpiexec or srun "
-                             "leave it out (the launcher's processes are the ranks)")
+            if nprocs > 1 or emulated:
+                parser.error("--nprocs and --emulate start the ranks themselves; under torchrun, "
+                             "mpiexec or srun leave them out (the launcher's processes are the ranks)")
             # the tasks train on the CPU: gloo under torchrun (not NCCL), mpi4py under mpiexec
             try:
                 self.comm = init_distributed("gloo" if launcher == "torchrun" else None)
@@ -251,10 +208,12 @@ class Runner:
 
     def train(self, task_cfg: TaskConfig, train_cfg: TrainConfig) -> Optional[dict]:
         """The summary of one run (with its history) on the main process, None elsewhere."""
+        if self.emulated:
+            return run_emulated(task_cfg, train_cfg, self.nprocs)
         if self.nprocs > 1:
             from ..distributed import spawn
-            spawn(_on_rank, self.nprocs, task_cfg, train_cfg, None, self.threads)
-            return _read_run(train_cfg.out_dir)
+            spawn(run_on_rank, self.nprocs, task_cfg, train_cfg, None, self.threads)
+            return read_run(train_cfg.out_dir)
         return run_training(task_cfg, train_cfg, threads=self.threads, comm=self.comm)
 
 
@@ -271,7 +230,7 @@ def cmd_train(args, parser) -> int:
                      f"--resume, replace it with --overwrite, or choose another --out")
     task_cfg, train_cfg = _configs_or_error(parser, args, values, args.mode, out, args.resume,
                                             args.progress, args.tensorboard)
-    runner = Runner(args.nprocs, args.threads, parser)
+    runner = Runner(args.nprocs, args.threads, parser, args.emulate)
     if args.overwrite and runner.is_main:
         _fresh(out)
     summary = runner.train(task_cfg, train_cfg)
@@ -312,12 +271,12 @@ def cmd_compare(args, parser) -> int:
     from .report import write_report
     values = resolve(args, quick=args.quick)
     if args.eval_every is None and not values["eval_every"]:
-        # about 20 evaluations per run: the report's time to target needs them
-        values["eval_every"] = max(1, values["steps"] // 20)
+        # about 40 evaluations per run, so that the evaluation grid does not decide the time to target
+        values["eval_every"] = max(1, values["steps"] // 40)
     out = args.out or os.path.join("runs", f"compare-{args.task}")
     runs = {}
     start = time.perf_counter()
-    runner = Runner(args.nprocs, args.threads, parser)
+    runner = Runner(args.nprocs, args.threads, parser, args.emulate)
     for mode in ("serial", "parallel", "adaptive"):
         task_cfg, train_cfg = _configs_or_error(parser, args, values, mode, os.path.join(out, mode),
                                                 progress=args.progress, monitor=(mode == "parallel"))
@@ -342,9 +301,16 @@ def cmd_compare(args, parser) -> int:
              "eval loss: the exact (serial) network on fixed validation batches",
              "virtual s/step: each rank's CPU time plus message waits under an NVLink model, the "
              "latest over the ranks (with one process, the CPU time of the step)",
-             f"{nprocs} process(es); total run time {time.perf_counter() - start:.0f} s"]
+             f"{nprocs} {'ranks emulated as threads' if args.emulate else 'process(es)'}; total run "
+             f"time {time.perf_counter() - start:.0f} s"]
+    if nprocs == 1:
+        notes.append("one process: layer-parallel steps cannot be faster than serial ones here; "
+                     "--nprocs P (with --emulate for ranks emulated on this machine's cores) shows "
+                     "the speedup")
     path = write_report(out, runs, values["threshold"], f"xbt compare --task {args.task}"
-                        + (" --quick" if args.quick else ""), notes)
+                        + (" --quick" if args.quick else "")
+                        + (f" --nprocs {args.nprocs}" if args.nprocs > 1 else "")
+                        + (" --emulate" if args.emulate else ""), notes)
     print(open(path, encoding="utf-8").read().split("\n\n![")[0])
     print(f"\nreport: {path}")
     return 0
@@ -375,14 +341,6 @@ def _fresh(out_dir: str) -> None:
         path = os.path.join(out_dir, name)
         if os.path.exists(path):
             os.remove(path)
-
-
-def _read_run(out_dir: str) -> dict:
-    from .trainer import read_metrics
-    with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as handle:
-        summary = json.load(handle)
-    summary["history"] = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
-    return summary
 
 
 def cmd_info(args, parser) -> int:

@@ -32,8 +32,8 @@ TABLE = {
     "data_path": (None, "your own data file instead of the packaged source"),
     # MGRIT
     "levels": (2, "MGRIT levels"),
-    "cfactor": (2, "coarsening factor"),
-    "relax": ("FCF", "relaxation: F, FCF or FCFCF"),
+    "cfactor": (4, "coarsening factor"),
+    "relax": ("F", "relaxation: F, FCF or FCFCF"),
     "fwd_iters": (2, "forward MGRIT iterations"),
     "bwd_iters": (1, "adjoint MGRIT iterations"),
     # training

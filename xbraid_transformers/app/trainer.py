@@ -89,8 +89,9 @@ class TrainConfig:
     virtual_time: record each step's virtual time (``perf.attach_clock``): the rank's CPU time
     plus message waits under an NVLink model, the step time with a core or device per rank;
     CPU models only.
-    multilevel: train coarse views of the model on the schedule it describes (serial or
-    parallel mode; evaluation always uses the fine model).
+    multilevel: train coarse views of the model on the schedule it describes (evaluation always
+    uses the fine model; in adaptive mode the controller watches the fine steps only, so nested
+    iteration followed by adaptive layer-parallel training is one run).
     """
 
     mode: str = DEFAULTS["mode"]
@@ -143,8 +144,6 @@ class TrainConfig:
         if self.resume is not None and self.resume == "auto" and self.out_dir is None:
             raise ValueError("resume='auto' needs out_dir")
         if self.multilevel is not None:
-            if self.mode == "adaptive":
-                raise ValueError("a multilevel schedule runs in serial or parallel mode, not adaptive")
             self.multilevel.schedule(self.steps)      # enough steps for the schedule
 
 
@@ -366,7 +365,8 @@ class Trainer:
         if self.clock is not None:
             self.clock.resume()        # the time between steps (evaluation, files) is not counted
             virtual_start = self.clock.time
-        probe = self.controller.before_step() if self.controller else False
+        controller = self._step_controller()
+        probe = controller.before_step() if controller else False
         total = 0.0
         searches = len(self.multilevel.step_lengths) if self.multilevel else 0
         with self._phase() as phase:
@@ -377,14 +377,14 @@ class Trainer:
                     loss = task.loss(task.batch("train", self.step, micro)) / cfg.grad_accum
                     loss.backward()
                     total += loss.item()
-                again = self.controller.after_backward() if self.controller else False
+                again = controller.after_backward() if controller else False
             if self.multilevel is not None:
                 self.multilevel.correct_gradients()
             grad_norm = clip_grad_norm_(self.model, cfg.clip).item() if cfg.clip > 0 else None
             stats = self.modules[0].stats if self.modules else None
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
-        decision = self.controller.after_step() if self.controller else None
+        decision = controller.after_step() if controller else None
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.train_seconds += time.perf_counter() - start
@@ -419,6 +419,17 @@ class Trainer:
         self.step += 1
         return record
 
+    def _step_controller(self) -> Optional[AdaptiveController]:
+        """The controller, when it watches this step: every step, except the coarse views of a
+        multilevel schedule (the controller judges the fine model's solves; its probes and
+        switch are counted in the run's steps)."""
+        if self.controller is None or self.multilevel is None:
+            return self.controller
+        if not self.multilevel.schedule.locate(self.step)[0].is_fine:
+            return None
+        self.controller.step = self.step
+        return self.controller
+
     def _phase(self):
         """The multilevel schedule's view for this step (the phase), or no view (None)."""
         if self.multilevel is None:
@@ -428,9 +439,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> float:
-        """Mean loss of the exact (serial) network over ``eval_batches`` fixed batches."""
+        """Mean loss of the exact (serial) network over ``eval_batches`` fixed batches. It is
+        measurement, not training: the virtual clock is set back to where it was (on every rank
+        alike, so the messages of a split evaluation do not skew the next step's start)."""
         modes = [m.parallel for m in self.modules]
         was_training = self.model.training
+        clock_before = self.clock.time if self.clock is not None else None
         self.model.eval()
         for m in self.modules:
             m.serial()
@@ -441,6 +455,9 @@ class Trainer:
             for m, parallel in zip(self.modules, modes):
                 m.set_parallel(parallel)
             self.model.train(was_training)
+            if self.clock is not None:
+                self.clock.time = clock_before
+                self.clock.resume()
         return sum(losses) / len(losses)
 
     # ------------------------------------------------------------------ the loop

@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -154,18 +154,43 @@ class ClockedComm(Communicator):
         return self.inner.describe()
 
 
+#: emulated rank r runs in the thread named RANK_THREAD + str(r)
+RANK_THREAD = "xbt-rank-"
+
+
+class RankGate:
+    """The lock that lets one emulated rank compute at a time. Each rank also keeps its own
+    state of torch's global random generator across the hand-overs (saved when it releases the
+    gate, restored when it takes it back), so that threads behave like processes: a rank that
+    seeds and draws is not disturbed by the draws of the ranks that ran while it waited."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._states: Dict[int, torch.Tensor] = {}
+
+    def acquire(self) -> None:
+        self._lock.acquire()
+        state = self._states.pop(threading.get_ident(), None)
+        if state is not None:
+            torch.set_rng_state(state)
+
+    def release(self) -> None:
+        self._states[threading.get_ident()] = torch.get_rng_state()
+        self._lock.release()
+
+
 def emulate(fn: Callable[..., Any], nprocs: int, *args, link: LinkModel = NVLINK,
             timeout: float = 600.0) -> List[Any]:
     """Run ``fn(comm, *args)`` for ``nprocs`` ranks as threads of this process, each with a
     ``ClockedComm`` (``comm.clock`` is its virtual clock). Use ``torch.set_num_threads(1)``.
-    Ranks compute one at a time (a shared gate, released while a rank waits for messages), so
-    each rank's CPU time is measured as if it had a core to itself.
-    Ranks as threads share the global random generator: use it for models without dropout."""
+    Ranks compute one at a time (a ``RankGate``, released while a rank waits for messages), so
+    each rank's CPU time is measured as if it had a core to itself, and each rank keeps its own
+    global random state, as a process would."""
     world = ThreadWorld(nprocs, timeout=timeout)
     results: List[Any] = [None] * nprocs
     errors: List[BaseException] = []
 
-    gate = threading.Lock()
+    gate = RankGate()
 
     def run(rank):
         gate.acquire()
@@ -177,7 +202,8 @@ def emulate(fn: Callable[..., Any], nprocs: int, *args, link: LinkModel = NVLINK
         finally:
             gate.release()
 
-    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(nprocs)]
+    threads = [threading.Thread(target=run, args=(r,), name=f"{RANK_THREAD}{r}", daemon=True)
+               for r in range(nprocs)]
     for t in threads:
         t.start()
     for t in threads:

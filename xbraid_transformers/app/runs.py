@@ -1,0 +1,107 @@
+"""Option values to configurations, and one training run on this process's ranks: alone, on
+ranks emulated as threads with virtual clocks, or as one rank of a group (the ``xbt`` command's
+workers and the reproduction experiments share these).
+
+    values = {**DEFAULTS, **TASKS["gpt"].defaults, "layers": 64}
+    task_cfg, train_cfg = make_configs(values, "gpt", "adaptive", out=None)
+    summary = run_emulated(task_cfg, train_cfg, nprocs=8)     # virtual time of 8 ranks
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from ..control import ControlConfig
+from ..mgrit.clock import RANK_THREAD
+from ..multilevel import MultilevelConfig
+from ..perf import emulate
+from .defaults import default_mgrit
+from .tasks import TaskConfig, build_task
+from .trainer import TrainConfig, Trainer, read_metrics, seed_everything
+
+
+def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=None,
+                 progress=None, tensorboard=False, monitor=False):
+    """The task's and the run's configurations from a table of option values (``DEFAULTS``'s
+    names: the command line's, a task's defaults, an experiment's)."""
+    mgrit = default_mgrit(values)
+    if values["layers"] % mgrit.coarsest_spacing:
+        raise ValueError(f"--layers {values['layers']} must be a multiple of cfactor^(levels-1) = "
+                         f"{mgrit.coarsest_spacing}")
+    task_cfg = TaskConfig(name=task, mgrit=mgrit, **{f.name: values[f.name] for f in
+                                                     dataclasses.fields(TaskConfig)
+                                                     if f.name in values})
+    control = ControlConfig(**{f.name: values[f.name] for f in dataclasses.fields(ControlConfig)
+                               if f.name in values})
+    multilevel = None
+    if values["schedule"] == "multilevel":
+        multilevel = MultilevelConfig(cycle=values["cycle"], coarse_steps=values["coarse_steps"],
+                                      fine_steps=values["fine_steps"], levels=values["ml_levels"],
+                                      prolongation=values["prolongation"],
+                                      optimizer_state=values["optimizer_state"],
+                                      mgopt=values["mgopt"], line_search=values["line_search"],
+                                      coarse_gradients=values["coarse_gradients"])
+    train_cfg = TrainConfig(mode=mode, out_dir=out, resume=resume, progress=progress,
+                            tensorboard=tensorboard, monitor=monitor, control=control,
+                            multilevel=multilevel,
+                            **{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)
+                               if f.name in values and f.name != "mode"})
+    return task_cfg, train_cfg
+
+
+def run_training(task_cfg: TaskConfig, train_cfg: TrainConfig, until: Optional[int] = None,
+                 threads: Optional[int] = None, comm=None) -> Optional[dict]:
+    """Seed, build the task (same initialisation for every mode) and train; ``comm``: the
+    layer-parallel group. Returns the summary with its ``history`` (None on ranks other than 0)."""
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(task_cfg.seed)
+    task = build_task(task_cfg, comm)
+    trainer = Trainer(task, train_cfg)
+    summary = trainer.fit(until=until)
+    summary["history"] = trainer.history
+    return summary if trainer.is_main else None
+
+
+def run_emulated(task_cfg: TaskConfig, train_cfg: TrainConfig, nprocs: int,
+                 until: Optional[int] = None) -> dict:
+    """``run_training`` on ``nprocs`` ranks emulated as threads of this process (``perf.emulate``):
+    one rank computes at a time on one torch thread, each with its own virtual clock, so the
+    run's ``virtual_time`` is the time it would take with a core or GPU per rank. Only rank 0
+    logs. Returns rank 0's summary."""
+    threads = torch.get_num_threads()
+    quiet, handlers = _OtherRanksQuiet(), list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        return emulate(run_on_rank, nprocs, task_cfg, train_cfg, until, 1)[0]
+    finally:
+        torch.set_num_threads(threads)
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+class _OtherRanksQuiet(logging.Filter):
+    """Drops the log records of emulated ranks other than 0 (one voice, as with processes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.threadName or ""
+        return not name.startswith(RANK_THREAD) or name == f"{RANK_THREAD}0"
+
+
+def run_on_rank(comm, *args):
+    """Worker entry of ``--nprocs`` (module level, so picklable)."""
+    return run_training(*args, comm=comm)
+
+
+def read_run(out_dir: str) -> dict:
+    """The summary of a finished run in ``out_dir`` with its metrics records as ``history``."""
+    with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    summary["history"] = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    return summary
