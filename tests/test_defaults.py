@@ -45,3 +45,21 @@ def test_the_gradient_trigger_is_chosen_on_the_command_line():
                                       "--grad-threshold", "0.3"])
     _, train_cfg = make_configs(resolve(args), "synthetic", args.mode, None)
     assert (train_cfg.control.trigger, train_cfg.control.grad_threshold) == ("gradient", 0.3)
+
+
+def test_every_task_trains_with_the_time_to_quality_study_s_default_policy():
+    """The defaults the study measured for `xbt train` and `xbt compare` (README, "Time to
+    quality"): two MGRIT levels, cfactor 4, F-relaxation, 2 forward / 1 backward iterations,
+    adaptive mode with the rho > 1 trigger switching to serial. No task overrides them."""
+    from xbraid_transformers.app.reproduce.time_to_quality import default_policy
+    assert default_policy() == "adaptive-rho"
+    for task in ("gpt", "bert", "cls", "vit", "mt", "synthetic"):
+        for quick in (False, True):
+            args = build_parser().parse_args(["compare" if quick else "train", "--task", task]
+                                             + (["--quick"] if quick else []))
+            values = resolve(args, quick=quick)
+            mgrit = default_mgrit(values)
+            assert (mgrit.levels, mgrit.cfactor, mgrit.relax, mgrit.fwd_iters, mgrit.bwd_iters) == \
+                (2, 4, "F", 2, 1), (task, quick)
+            assert (values["mode"], values["trigger"], values["threshold"], values["action"]) == \
+                ("adaptive", "rho", 1.0, "serial"), (task, quick)

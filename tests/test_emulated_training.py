@@ -67,7 +67,7 @@ def test_evaluation_is_not_counted_in_virtual_time():
 def test_emulate_option_of_the_command(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--task", "synthetic", "--layers", "8", "--d-model", "8", "--heads", "2",
-            "--seq-len", "4", "--batch-size", "2", "--steps", "3", "--mode", "parallel",
+            "--seq-len", "4", "--batch-size", "2", "--cfactor", "2", "--steps", "3", "--mode", "parallel",
             "--nprocs", "4", "--emulate", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import xbraid_transformers as xbt
-from xbraid_transformers.app import cli
 from xbraid_transformers.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from xbraid_transformers.app.cli import main
+from xbraid_transformers.app.runs import read_run
 from xbraid_transformers.app.tasks import TaskConfig, build_task
 from xbraid_transformers.app.trainer import TrainConfig, Trainer, seed_everything
 from xbraid_transformers.mgrit.comm_backends import default_timeout
@@ -134,7 +134,7 @@ def test_reading_a_run_skips_a_half_written_metrics_line(tmp_path):
     """What ``--nprocs`` reads back after training (it crashed with JSONDecodeError)."""
     (tmp_path / "summary.json").write_text(json.dumps({"steps": 2}))
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "lo')
-    assert [r["step"] for r in cli._read_run(str(tmp_path))["history"]] == [0, 1]
+    assert [r["step"] for r in read_run(str(tmp_path))["history"]] == [0, 1]
 
 
 def test_resuming_a_finished_run_keeps_its_summary(tmp_path):

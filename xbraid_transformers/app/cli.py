@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small configuration (minutes on 2 cores)")
     p.add_argument("--out", help="output directory (default runs/compare-<task>)")
     p = sub.add_parser("reproduce", help="the papers' claims at small scale, with verdicts")
-    p.add_argument("--quick", action="store_true", help="small sizes (about 10 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="small sizes (about 30 minutes on 2 cores)")
     p.add_argument("--micro", action="store_true", help=argparse.SUPPRESS)   # the test suite's size
     p.add_argument("--only", nargs="+", metavar="NAME", help="run these experiments only")
     p.add_argument("--out", default=os.path.join("runs", "reproduce"), help="output directory")
@@ -188,8 +188,9 @@ class Runner:
         launcher = detect_launcher()
         if launcher != "single":
             if nprocs > 1 or emulated:
-                parser.error("--nprocs and --emulate start the ranks themselves; under torchrun, "
-                             "mpiexec or srun leave them out (the launcher's processes are the ranks)")
+                parser.error("--nprocs starts the ranks itself (processes, or threads with --emulate); "
+                             "under torchrun, mpiexec or srun leave it out (the launcher's processes "
+                             "are the ranks)")
             # the tasks train on the CPU: gloo under torchrun (not NCCL), mpi4py under mpiexec
             try:
                 self.comm = init_distributed("gloo" if launcher == "torchrun" else None)
