@@ -30,7 +30,7 @@ from ..control import ACTIONS, TRIGGERS
 from ..multilevel import COARSE_GRADIENTS, CYCLES, OPTIMIZER_STATES, PROLONGATIONS
 from .defaults import DEFAULTS
 from .tasks import TASKS, TaskConfig, TaskUnavailable
-from .runs import make_configs, read_run, run_emulated, run_on_rank, run_training
+from .runs import make_configs, run_emulated, run_spawned, run_training
 from .trainer import MODES, OPTIMIZERS, ResumeError, TrainConfig
 
 
@@ -212,9 +212,7 @@ class Runner:
         if self.emulated:
             return run_emulated(task_cfg, train_cfg, self.nprocs)
         if self.nprocs > 1:
-            from ..distributed import spawn
-            spawn(run_on_rank, self.nprocs, task_cfg, train_cfg, None, self.threads)
-            return read_run(train_cfg.out_dir)
+            return run_spawned(task_cfg, train_cfg, self.nprocs, self.threads)
         return run_training(task_cfg, train_cfg, threads=self.threads, comm=self.comm)
 
 

@@ -94,6 +94,14 @@ class _OtherRanksQuiet(logging.Filter):
         return not name.startswith(RANK_THREAD) or name == f"{RANK_THREAD}0"
 
 
+def run_spawned(task_cfg: TaskConfig, train_cfg: TrainConfig, nprocs: int, threads: int = 1) -> dict:
+    """``run_training`` on ``nprocs`` spawned gloo processes (``threads`` torch threads each);
+    returns the summary rank 0 wrote to ``train_cfg.out_dir``, with its history."""
+    from ..distributed import spawn
+    spawn(run_on_rank, nprocs, task_cfg, train_cfg, None, threads)
+    return read_run(train_cfg.out_dir)
+
+
 def run_on_rank(comm, *args):
     """Worker entry of ``--nprocs`` (module level, so picklable)."""
     return run_training(*args, comm=comm)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 from ..defaults import DEFAULTS
 from ..report import figure, reached_at, tolerance
-from ..runs import make_configs, read_run, run_emulated, run_on_rank
+from ..runs import make_configs, run_emulated, run_spawned
 from ..tasks import TASKS
 from .base import Experiment, Verdict, fmt, markdown
 from .indicator import micro_text
@@ -119,11 +119,8 @@ def _emulated(s, family, layers, ranks, seed, policy, data_path) -> dict:
 
 
 def _spawned(s, family, layers, ranks, seed, policy, data_path, directory) -> dict:
-    from ...distributed import spawn
     out = os.path.join(directory, f"{policy}-{seed}")
-    task_cfg, train_cfg = _configs(s, family, layers, seed, policy, data_path, out)
-    spawn(run_on_rank, ranks, task_cfg, train_cfg, None, 1)
-    return _record(read_run(out), "wall")
+    return _record(run_spawned(*_configs(s, family, layers, seed, policy, data_path, out), ranks), "wall")
 
 
 def cell_policies(s: dict, cell: dict) -> List[str]:
