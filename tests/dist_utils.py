@@ -31,7 +31,8 @@ D_MODEL, NHEAD, FF = 8, 2, 16
 SEED, DROPOUT_SEED = 0, 1234
 
 # (name, serial mode?, MGRIT options) of the parity cases; 12 layers, cfactor 2: 6 coarsest
-# intervals with 2 levels (any P <= 4), 3 with 3 levels (P <= 3).
+# intervals with 2 levels, 3 with 3 levels (fewer than 4 ranks: the coarsest level then lives
+# on 3 of them); cfactor 4: intervals of 4 layers that blocks of 3 layers (4 ranks) cut.
 CASES = [
     ("serial", True, dict(levels=2, cfactor=2)),
     ("mgrit-1/1", False, dict(levels=2, cfactor=2, fwd_iters=1, bwd_iters=1)),
@@ -39,6 +40,7 @@ CASES = [
     ("mgrit-3/2", False, dict(levels=2, cfactor=2, fwd_iters=3, bwd_iters=2,
                               skip_first_downcycle=False)),
     ("mgrit-3lvl-2/1", False, dict(levels=3, cfactor=2, fwd_iters=2, bwd_iters=1, cycle="F")),
+    ("mgrit-m4-2/2", False, dict(levels=2, cfactor=4, fwd_iters=2, bwd_iters=2)),
 ]
 
 
@@ -189,17 +191,35 @@ def bad_input_worker(comm):
     except ValueError as error:
         messages["input"] = str(error)
     layers = [nn.Linear(4, 4) for _ in range(10)]   # 5 coarsest intervals of 2 layers
-    bad = {"even": (layers, mgrit, "even"),        # 5 intervals cannot be split evenly over 2
-           "counts": (layers, mgrit, [3, 7]),       # not multiples of the coarsest spacing
-           "ranks": (layers[:4], xbt.MGRITConfig(levels=2, cfactor=4), None)}   # 1 interval
+    single = xbt.MGRITConfig(levels=1)
+    bad = {"even": (layers[:9], single, "even"),     # 9 layers cannot be split evenly over 2
+           "counts": (layers, mgrit, [3, 8]),       # do not sum to the layers
+           "ranks": (layers[:1], single, None)}     # fewer layers than ranks
     for name, (some, config, partition) in bad.items():
         try:
             xbt.LayerParallel(some, mgrit=config, comm=comm, partition=partition)
         except ValueError as error:
             messages[name] = str(error)
-    stack = xbt.LayerParallel(layers, mgrit=mgrit, comm=comm, partition=[4, 6])
+    # blocks that are not multiples of the coarsest spacing are fine
+    stack = xbt.LayerParallel(layers, mgrit=mgrit, comm=comm, partition=[3, 7])
     messages["owned"] = list(stack.owned_layers)
     return messages
+
+
+def spread_worker(comm, num_layers, options, partition=None):
+    """One training step of a stack of ``num_layers`` small layers (float64) under ``options``:
+    output, input gradient and the gradients of this rank's parameters, by name."""
+    torch.manual_seed(SEED)
+    stack = xbt.LayerParallel([nn.Linear(4, 4, dtype=torch.float64) for _ in range(num_layers)],
+                              rhs=lambda layer, x: torch.tanh(layer(x)),
+                              mgrit=xbt.MGRITConfig(**options), comm=comm,
+                              partition=partition if comm is not None else None)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    x.requires_grad_()
+    out = stack(x)
+    out.square().sum().backward()
+    return dict(out=out.detach(), dx=x.grad.clone(), owned=list(stack.owned_layers),
+                grads={n: p.grad.clone() for n, p in stack.named_parameters()})
 
 
 # ---------------------------------------------------------------------- mpiexec entry point

@@ -219,3 +219,37 @@ def test_diverging_solve_raises_instead_of_returning_garbage():
     module = xbt.LayerParallel(layers, step_size=1.0, mgrit=xbt.MGRITConfig(levels=2, cfactor=4, fwd_iters=3))
     with pytest.raises(xbt.mgrit.MGRITDivergenceError):
         module(torch.randn(2, 4))
+
+
+def _input_gradient_norm(network, x):
+    """d/dx of ||d loss / dx||^2: a second-order quantity (a gradient penalty)."""
+    x = x.detach().clone().requires_grad_()
+    (dx,) = torch.autograd.grad(network(x).square().sum(), x, create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.square().sum(), x)
+    return ddx
+
+
+def test_second_order_gradients_are_exact_in_serial_mode():
+    module = make_stack(8).serial()
+    plain = nn.Sequential(*copy.deepcopy(list(module.layers)))
+    x = torch.randn(3, 6, dtype=torch.float64)
+
+    def euler(x):  # the same forward Euler steps through plain autograd: the oracle
+        for layer in plain:
+            x = x + module.step_size * layer(x)
+        return x
+
+    torch.testing.assert_close(_input_gradient_norm(module, x), _input_gradient_norm(euler, x))
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("create_graph_on", ["autograd.grad", "backward"])
+def test_second_order_gradients_through_mgrit_are_refused(create_graph_on):
+    module = make_stack(8, **CONVERGED)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    loss = module(x).square().sum()
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*serial\(\)"):
+        if create_graph_on == "backward":
+            loss.backward(create_graph=True)
+        else:
+            torch.autograd.grad(loss, x, create_graph=True)

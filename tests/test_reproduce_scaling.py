@@ -65,14 +65,16 @@ def test_one_dip_in_a_rising_series_is_tolerated():
 
 
 # ---------------------------------------------------------------------------- the measurement core
-def test_configurations_are_the_hierarchies_whose_coarsest_level_splits_evenly():
-    # N = 32, P = 4: spacing m^(L-1) leaves a multiple of 4 coarse intervals for (L, m) = (2, 2),
-    # (2, 4), (2, 8), (3, 2), (4, 2); each once with 1/1 iterations, with F and FCF for 2/1
+def test_configurations_are_the_hierarchies_that_fit_the_layers():
+    # N = 32: spacing m^(L-1) divides 32 for (L, m) = (2, 2), (2, 4), (2, 8), (3, 2), (3, 4),
+    # (4, 2); any P <= N runs each (coarse levels live on the ranks that own their points);
+    # each once with 1/1 iterations, with F and FCF for 2/1
     got = {(c["levels"], c["cfactor"], c["relax"], c["fwd_iters"]) for c in configurations(32, 4)}
-    hierarchies = [(2, 2), (2, 4), (2, 8), (3, 2), (4, 2)]
+    hierarchies = [(2, 2), (2, 4), (2, 8), (3, 2), (3, 4), (4, 2)]
     assert got == {(lv, m, "FCF", 1) for lv, m in hierarchies} | {(lv, m, r, 2) for lv, m in hierarchies
                                                                    for r in ("F", "FCF")}
-    assert len(configurations(32, 4)) == 15
+    assert len(configurations(32, 4)) == 18
+    assert configurations(32, 64) == []          # more ranks than layers
 
 
 def test_one_rank_counts_are_xbraids():
@@ -117,6 +119,6 @@ def test_micro_run_counts_the_gradients_and_the_steps(tmp_path):
 def test_settings_that_cannot_be_measured_are_clear_errors():
     s = SETTINGS["micro"]
     with pytest.raises(ValueError, match="whole coarsest interval"):
-        run(dict(s, depths=[8], depth_ranks=8), lambda _: None)
+        run(dict(s, depths=[4], depth_ranks=8), lambda _: None)     # more ranks than layers
     with pytest.raises(ValueError, match="power-of-two"):
         run(dict(s, data=dict(s["data"], ranks=3)), lambda _: None)

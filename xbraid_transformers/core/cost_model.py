@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..mgrit.config import MGRITConfig
+from ..mgrit.layout import Layout, layout, mirrored
 from .counts import StepCounts
 from .ownership import Partition, partition_layers
 
@@ -47,13 +48,40 @@ def solve_sweeps(config: MGRITConfig, iterations: int, skip_first: bool) -> List
     return sweeps
 
 
-def _evaluations(points: str, intervals: int, cfactor: Optional[int]) -> int:
-    """Evaluations of a sweep over ``intervals`` intervals of one level (``cfactor`` None on
-    the coarsest level, which has neither F- nor C-points)."""
+def _evaluations(points: str, steps: Tuple[int, int], cfactor: Optional[int]) -> int:
+    """Evaluations of a sweep by a process owning the steps ``[a, b)`` of a level (``cfactor``
+    None on the coarsest level, which has neither F- nor C-points). A step into a C-point is a
+    C-step; every C-point after ``a`` in ``(a, b]`` is one."""
+    a, b = steps
     if points in ("all", "chain"):
-        return intervals
-    c_points = intervals // cfactor
-    return c_points if points == "C" else intervals - c_points
+        return b - a
+    c_steps = b // cfactor - a // cfactor
+    return c_steps if points == "C" else (b - a) - c_steps
+
+
+def _f_sweep_time(layout: Layout, level: int, cfactor: int, hop_cost: float) -> float:
+    """Steps on the critical path of one F-relaxation of ``level``, in the solver's order: an
+    F-interval that runs over several processes is a chain through them (the last point goes
+    on as soon as it is final, the run from the ghost comes last)."""
+    finish, sent = 0.0, None
+    for position in layout.active(level):
+        a, b = layout.steps(level, position)
+        runs = [(max(a, c), min(b, c + cfactor - 1)) for c in range((a // cfactor) * cfactor, b, cfactor)]
+        runs = [r for r in runs if r[1] > r[0]]
+        head = runs[0] if runs and runs[0][0] == a else None
+        tail = runs[-1] if runs and runs[-1][1] == b else None
+        t, send = 0.0, 0.0 if b % cfactor == 0 else None
+        if tail is not None and tail is not head:
+            t += tail[1] - tail[0]
+            send = t if send is None else send
+        t += sum(r[1] - r[0] for r in runs if r is not head and r is not tail)
+        if sent is not None:                      # the ghost from the previous process
+            t = max(t, sent + hop_cost)
+        if head is not None:
+            t += head[1] - head[0]
+        sent = t if send is None else send
+        finish = max(finish, t)
+    return finish
 
 
 def cost_model(num_layers: int, nprocs: int, levels: int, cfactor: Union[int, Sequence[int]],
@@ -63,7 +91,8 @@ def cost_model(num_layers: int, nprocs: int, levels: int, cfactor: Union[int, Se
                step_costs: Optional[Dict[str, float]] = None) -> dict:
     """Step evaluations of one layer-parallel training step of ``num_layers`` layers on
     ``nprocs`` ranks (fixed iterations, no tolerance), counted sweep by sweep as the solver
-    spends them (``solve_sweeps``).
+    spends them (``solve_sweeps``), on the layout the solver uses (``mgrit.layout``: balanced
+    fine blocks, each coarse interval on the rank of its first layer).
 
     step_costs: the price of one step of each kind, in any unit: ``forward``,
         ``forward_final`` (the forward's final sweep, which also records each layer's graph),
@@ -75,9 +104,11 @@ def cost_model(num_layers: int, nprocs: int, levels: int, cfactor: Union[int, Se
     Returns a dict:
       per_rank: one ``StepCounts`` per rank (its block from ``partition``, as LayerParallel
         splits it): exactly what ``LayerParallel.counts`` measures on that rank.
-      parallel: the critical path: the most loaded rank's sweeps plus, for each visit of the
-        coarsest level, its whole serial chain (``N / spacing`` steps and ``nprocs - 1`` hops
-        of ``hop_cost``).
+      parallel: the critical path, sweep by sweep (the ranks meet at every sweep through their
+        ghost points): the most loaded rank's evaluations of each sweep; an F-relaxation whose
+        intervals run over several ranks as the chain through them; for each visit of the
+        coarsest level its whole serial chain (all its steps, and a hop of ``hop_cost`` between
+        each two ranks that own some of them).
       phases: ``parallel`` split by solve and phase ("forward relax", "adjoint coarsest", ...;
         the phases: relax, residual, coarsest, interpolate, final).
       serial: ``num_layers`` serial layers, forward and backward.
@@ -88,37 +119,32 @@ def cost_model(num_layers: int, nprocs: int, levels: int, cfactor: Union[int, Se
     costs.update(step_costs or {})
     config = MGRITConfig(levels=levels, cfactor=cfactor, relax=relax, cycle=cycle)
     blocks = partition_layers(num_layers, config.coarsest_spacing, nprocs, partition)
-    spacings = [1]
-    for m in config.cfactors:
-        spacings.append(spacings[-1] * m)
     cfactors = list(config.cfactors) + [None]
-
-    def evaluations(sweep: Sweep, steps: int) -> int:
-        _, l, points = sweep
-        return _evaluations(points, steps // spacings[l], cfactors[l])
-
+    # the adjoint runs the ranks backwards: position i of its layout is rank nprocs - 1 - i
+    layouts = {"forward": (layout(num_layers, blocks, config.cfactors, "first"), False),
+               "adjoint": (layout(num_layers, mirrored(num_layers, blocks), config.cfactors, "last"), True)}
     ledgers = {"forward": solve_sweeps(config, fwd_iters, skip_first_downcycle),
                "adjoint": solve_sweeps(config, bwd_iters, skip_first_downcycle)}
 
-    per_rank = []
-    for lo, hi in blocks:
-        counts = StepCounts()
-        for kind, ledger in ledgers.items():
-            for sweep in ledger:
-                name = f"{kind}_{'fine' if sweep[1] == 0 else 'coarse'}"
-                setattr(counts, name, getattr(counts, name) + evaluations(sweep, hi - lo))
-        per_rank.append(counts)
-
-    largest = max(hi - lo for lo, hi in blocks)
+    per_rank = [StepCounts() for _ in blocks]
     phases: Dict[str, float] = {}
     for kind, ledger in ledgers.items():
+        plan, backwards = layouts[kind]
         for phase, level, points in ledger:
+            evaluations = [_evaluations(points, plan.steps(level, i), cfactors[level])
+                           for i in range(nprocs)]
+            name = f"{kind}_{'fine' if level == 0 else 'coarse'}"
+            for i, count in enumerate(evaluations):
+                counts = per_rank[nprocs - 1 - i if backwards else i]
+                setattr(counts, name, getattr(counts, name) + count)
             price = costs[f"{kind}_final" if phase == "final" else kind]
             if points == "chain":
-                cost = price * evaluations((phase, level, points), num_layers) + (nprocs - 1) * hop_cost
+                steps = price * sum(evaluations) + (len(plan.active(level)) - 1) * hop_cost
+            elif points == "F":
+                steps = price * _f_sweep_time(plan, level, cfactors[level], hop_cost / price)
             else:
-                cost = price * evaluations((phase, level, points), largest)
-            phases[f"{kind} {phase}"] = phases.get(f"{kind} {phase}", 0.0) + cost
+                steps = price * max(evaluations)
+            phases[f"{kind} {phase}"] = phases.get(f"{kind} {phase}", 0.0) + steps
     parallel = sum(phases.values())
     serial = costs["serial"] * num_layers
     return dict(per_rank=per_rank, parallel=parallel, phases=phases, serial=serial,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -23,11 +24,11 @@ from ..mgrit import solve
 from ..mgrit.comm import Communicator
 from ..mgrit.comm_backends import as_communicator
 from ..mgrit.config import MGRITConfig
+from ..mgrit.layout import mirrored
+from .blocks import Rhs
 from .counts import StepCounts
 from .dropout import DropoutSync
 from .ownership import RemoteLayer, check_agreement, config_key, content_checksum, layer_key, partition_layers
-
-Rhs = Callable[..., torch.Tensor]
 
 
 def _call_layer(layer: nn.Module, x: torch.Tensor, **ctx) -> torch.Tensor:
@@ -85,8 +86,11 @@ class LayerParallel(nn.Module):
 
     comm: the layer-parallel group (None: this process alone; an xbt ``Communicator``, a
     torch.distributed process group or an mpi4py communicator). Rank r owns the r-th block of
-    layers (``partition``: None balances the blocks to within one coarsest interval, ``"even"``
-    demands equal blocks, or a list of layer counts per rank); the other layers become
+    layers (``partition``: None balances the blocks to within one layer, ``"even"`` demands
+    equal blocks, or a list of layer counts per rank); any MGRIT hierarchy that fits the layers
+    runs on any number of ranks up to the number of layers (a coarse interval is evaluated by
+    the rank that owns its first layer, so coarse levels live on fewer ranks when they have
+    fewer points); the other layers become
     ``RemoteLayer`` placeholders without parameters. Every rank builds the same module and
     calls it with the same input; the output and the input gradient are the same on every
     rank. Serial mode relays the state along the ranks.
@@ -171,12 +175,8 @@ class LayerParallel(nn.Module):
                 f"{len(self.layers)} layers cannot be split into coarsest-level intervals of "
                 f"{spacing} layers (levels={config.levels}, cfactors={config.cfactors}); the "
                 "number of layers must be a multiple of the product of the cfactors")
-        for lo, hi in self.blocks or ():
-            if lo % spacing or hi % spacing:
-                raise ValueError(
-                    f"the layer blocks of the ranks {self.blocks} are not multiples of the "
-                    f"coarsest spacing {spacing} of levels={config.levels}, cfactors="
-                    f"{config.cfactors}; choose options whose coarsest intervals fit the blocks")
+        # any blocks of the ranks fit: each coarse interval is evaluated by the owner of its
+        # first layer, whichever rank that is (mgrit.layout)
         self._mgrit = config
 
     @property
@@ -241,9 +241,7 @@ class LayerParallel(nn.Module):
         blocks = self.coarse_blocks(stride, offset)
         saved = (self.layers, self.step_size, self._mgrit, self._parallel, self.blocks,
                  self._num_layers)
-        spacing = self._mgrit.coarsest_spacing
-        fits = len(keep) % spacing == 0 and all(lo % spacing == 0 and hi % spacing == 0
-                                                 for lo, hi in blocks or ())
+        fits = len(keep) % self._mgrit.coarsest_spacing == 0
         self.layers = nn.ModuleList(self.layers[i] for i in keep)
         self.blocks, self._num_layers = blocks, len(keep)
         # Bypasses the setter's check, which holds the options against the fine layers.
@@ -310,7 +308,7 @@ class LayerParallel(nn.Module):
                              "check of the values")
         return self.comm.allreduce_sum(float(needs_grad)) > 0
 
-    def _initial_states(self, kind: str, like: torch.Tensor,
+    def _warm_states(self, kind: str, like: torch.Tensor,
                         config: MGRITConfig) -> Optional[List[torch.Tensor]]:
         states = self._warm.get(kind)
         if not config.warm_start or states is None or states[0].shape != like.shape \
@@ -339,10 +337,12 @@ class _Run:
         # Tensors that need gradients become leaves so that each layer's graph ends there.
         self.ctx = {k: (v.detach().requires_grad_() if k in self.grad_ctx else v) for k, v in ctx.items()}
         self.graphs: Dict[int, tuple] = {}
-        # The parameters as they are now (functional_call may swap them before backward).
-        self.layer_params = [[p for p in layer.parameters() if p.requires_grad]
-                             for layer in module.layers]
-        self.params = list({id(p): p for ps in self.layer_params for p in ps}.values())
+        # The parameters of this rank's layers as they are now (functional_call may swap them
+        # before backward); the other layers are placeholders without any: O(N / P) per call.
+        lo, hi = self.block
+        self.layer_params = {n: [p for p in layer.parameters() if p.requires_grad]
+                             for n, layer in enumerate(itertools.islice(module.layers, lo, hi), start=lo)}
+        self.params = list({id(p): p for ps in self.layer_params.values() for p in ps}.values())
 
     def grad_ctx_values(self):
         return [self.ctx_in[k] for k in self.grad_ctx]
@@ -368,9 +368,9 @@ class _Run:
         with torch.no_grad():
             result = solve(step, x.detach(), len(module.layers), h, config,
                            max_iters=config.fwd_iters,
-                           initial_states=module._initial_states("forward", x, config),
+                           initial_states=module._warm_states("forward", x, config),
                            final_step=recording_step if record else None,
-                           comm=comm, block=self.block)
+                           comm=comm, blocks=module.blocks)
             out = result.states[-1]
             if comm.size > 1:   # the last rank holds the output; every rank returns it
                 out = comm.broadcast(out, root=comm.size - 1)
@@ -458,13 +458,15 @@ class _Run:
                 _accumulate(ctx_grads, i, g)
             return lam if grads[0] is None else lam + grads[0]
 
-        lo, hi = self.block
+        blocks = None if module.blocks is None else mirrored(num_layers, module.blocks)
         with torch.no_grad():
+            # the adjoint runs backwards through the same intervals: a coarse adjoint step uses
+            # the graph of its interval's first layer, the last fine step in adjoint order
             result = solve(step, grad_out, num_layers, h, config,
                            max_iters=config.bwd_iters,
-                           initial_states=module._initial_states("adjoint", grad_out, config),
-                           final_step=final_step, comm=comm.reversed(),
-                           block=(num_layers - hi, num_layers - lo))
+                           initial_states=module._warm_states("adjoint", grad_out, config),
+                           final_step=final_step, comm=comm.reversed(), blocks=blocks,
+                           anchor="last")
             grad_x = result.states[-1]
             if comm.size > 1:   # rank 0 holds the input gradient; context gradients are summed
                 grad_x = comm.broadcast(grad_x, root=0)
@@ -492,6 +494,14 @@ class _MGRITFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            # The adjoint solve differentiates each layer once; differentiating through it again
+            # would treat the solve's gradient as a constant and give a wrong answer, not an error.
+            raise RuntimeError(
+                "higher-order gradients (backward or autograd.grad with create_graph=True) are not "
+                "supported through a LayerParallel stack solved by MGRIT or spread over several "
+                "ranks; compute them on one process in serial mode (`stack.serial()`), where "
+                "autograd runs through the layers themselves")
         run = ctx.run
         grad_x, ctx_grads, param_grads = run.adjoint(grad_out.contiguous())
         return (None, grad_x, *ctx_grads, *param_grads)

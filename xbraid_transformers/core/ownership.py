@@ -1,12 +1,13 @@
 """Which rank owns which layers, placeholders for the others, and cross-rank consistency checks.
 
-Rank r of a layer-parallel group owns a contiguous block of fine layers ``[lo, hi)``; block
-boundaries are multiples of the coarsest MGRIT spacing, so every level keeps them and the
-relaxation, restriction and correction stay local. Layers owned elsewhere are replaced by
-``RemoteLayer`` placeholders that hold no parameters (the optimizer of a rank sees only its
-own layers); they remember the names, shapes and dtypes of the layer's state so that
-``xbt.gather_state_dict`` can assemble a full state dict, and they ignore their entries when a
-full state dict is loaded (so a checkpoint loads into any number of ranks).
+Rank r of a layer-parallel group owns a contiguous block of fine layers ``[lo, hi)``, balanced
+to within one layer; each interval of a coarse MGRIT level is evaluated by the rank that owns
+its first layer (``mgrit.layout``), so coarse levels live on the ranks that own their points.
+Layers owned elsewhere are replaced by ``RemoteLayer`` placeholders that hold no parameters
+(the optimizer of a rank sees only its own layers); they remember the names, shapes and dtypes
+of the layer's state so that ``xbt.gather_state_dict`` can assemble a full state dict, and they
+ignore their entries when a full state dict is loaded (so a checkpoint loads into any number
+of ranks).
 """
 from __future__ import annotations
 
@@ -23,34 +24,36 @@ def partition_layers(num_layers: int, spacing: int, size: int,
                      partition: Partition = None) -> List[Tuple[int, int]]:
     """The blocks ``[(lo, hi), ...]`` of fine layers of ranks ``0..size-1``.
 
-    partition: None (balanced: blocks differ by at most one coarsest interval), ``"even"``
-    (equal blocks, an error when that is impossible), or the number of layers of each rank
-    (multiples of ``spacing`` summing to ``num_layers``).
+    spacing: the coarsest MGRIT spacing; the layers must be a multiple of it (the blocks need
+    not be: a coarse interval belongs to the rank that owns its first layer).
+    partition: None (balanced: blocks differ by at most one layer, the first ones larger),
+    ``"even"`` (equal blocks, an error when that is impossible), or the number of layers of
+    each rank (positive, summing to ``num_layers``).
     """
-    intervals = num_layers // spacing
+    if num_layers % spacing:
+        raise ValueError(
+            f"{num_layers} layers cannot be split into coarsest-level intervals of {spacing} "
+            "layers; the number of layers must be a multiple of the product of the cfactors")
     if partition is None or partition == "even":
-        if size > intervals:
+        if size > num_layers:
             raise ValueError(
-                f"{size} ranks but only {intervals} coarsest-level intervals ({num_layers} layers "
-                f"in intervals of {spacing}): every rank must own at least one interval; use at "
-                f"most {intervals} ranks, more layers, or fewer levels / smaller cfactors")
-        base, extra = divmod(intervals, size)
+                f"{size} ranks but only {num_layers} layers: every rank must own at least one "
+                f"layer; use at most {num_layers} ranks")
+        base, extra = divmod(num_layers, size)
         if partition == "even" and extra:
             raise ValueError(
-                f"partition='even': {num_layers} layers ({intervals} coarsest intervals of "
-                f"{spacing}) cannot be split evenly over {size} ranks; use a layer count that is "
-                f"a multiple of {size * spacing} or partition=None (blocks differ by one interval)")
-        counts = [(base + (r < extra)) * spacing for r in range(size)]
+                f"partition='even': {num_layers} layers cannot be split evenly over {size} ranks; "
+                f"use a layer count that is a multiple of {size} or partition=None (blocks "
+                "differ by one layer)")
+        counts = [base + (r < extra) for r in range(size)]
     elif isinstance(partition, str):
         raise ValueError(f"partition must be None, 'even' or a list of layer counts, got {partition!r}")
     else:
         counts = [int(c) for c in partition]
-        if len(counts) != size or sum(counts) != num_layers or \
-                any(c <= 0 or c % spacing for c in counts):
+        if len(counts) != size or sum(counts) != num_layers or any(c <= 0 for c in counts):
             raise ValueError(
                 f"partition {list(partition)} cannot be used: it needs {size} positive layer "
-                f"counts (one per rank), each a multiple of the coarsest spacing {spacing}, "
-                f"summing to {num_layers}")
+                f"counts (one per rank) summing to {num_layers}")
     blocks, lo = [], 0
     for c in counts:
         blocks.append((lo, lo + c))

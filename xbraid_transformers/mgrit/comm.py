@@ -49,6 +49,15 @@ class Communicator:
         r = self.rank + (-1 if self._reversed_order else 1)
         return r if 0 <= r < self.size else None
 
+    @property
+    def position(self) -> int:
+        """This rank's place in solve order (its rank, or size - 1 - rank when reversed)."""
+        return self.rank_at(self.rank)
+
+    def rank_at(self, position: int) -> int:
+        """The rank at ``position`` in solve order (the map is its own inverse)."""
+        return self.size - 1 - position if self._reversed_order else position
+
     def reversed(self) -> "Communicator":
         """The same group with the solve order reversed (for the adjoint solve)."""
         view = copy.copy(self)

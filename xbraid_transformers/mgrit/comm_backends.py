@@ -33,13 +33,19 @@ def default_timeout(timeout: Optional[float] = None) -> float:
     return value
 
 
-def _failure(comm: Communicator, what: str, peer, cause: Optional[BaseException] = None):
+def _failure(comm: Communicator, what: str, peer, cause: Optional[BaseException] = None,
+             started: Optional[float] = None):
+    """The error of a failed wait. With a ``cause`` (the backend gave up: a peer's connection
+    closed, its process died) the message says how long the wait lasted, not the timeout."""
     who = "" if peer is None else f" with rank {peer}"
-    reason = f": {cause}" if cause is not None else ""
+    if cause is None:
+        outcome = f"did not complete within {comm.timeout:g} s"
+    else:
+        waited = "" if started is None else f" after {time.monotonic() - started:.1f} s"
+        outcome = f"failed{waited} ({cause})"
     return CommunicationError(
-        f"{comm.describe()}: {what}{who} did not complete within {comm.timeout:g} s; a process of "
-        f"the layer-parallel group died, stopped answering, or runs a different operation "
-        f"(mismatched code path or configuration){reason}")
+        f"{comm.describe()}: {what}{who} {outcome}; a process of the layer-parallel group died, "
+        f"stopped answering, or runs a different operation (mismatched code path or configuration)")
 
 
 # ---------------------------------------------------------------------- torch.distributed
@@ -70,10 +76,11 @@ class TorchComm(Communicator):
         return f"rank {self.rank} of {self.size} (global rank {self.global_ranks[self.rank]})"
 
     def _wait(self, work, what: str, peer=None) -> None:
+        started = time.monotonic()
         try:
             done = work.wait(timeout=timedelta(seconds=self.timeout))
         except Exception as error:   # gloo/NCCL raise RuntimeError or DistBackendError
-            raise _failure(self, what, peer, error) from error
+            raise _failure(self, what, peer, error, started) from error
         if done is False:
             raise _failure(self, what, peer)
 
@@ -134,7 +141,8 @@ class MPIComm(Communicator):
         self._pending: list = []
 
     def _wait(self, request, what, peer=None):
-        deadline, delay = time.monotonic() + self.timeout, 0.0
+        started = time.monotonic()
+        deadline, delay = started + self.timeout, 0.0
         try:
             while not request.Test():
                 if time.monotonic() > deadline:
@@ -142,7 +150,7 @@ class MPIComm(Communicator):
                 time.sleep(delay)
                 delay = min(max(2 * delay, 1e-5), 1e-3)
         except self.MPI.Exception as error:
-            raise _failure(self, what, peer, error) from error
+            raise _failure(self, what, peer, error, started) from error
 
     def isend(self, tensor, dst):
         keep, buf = _bytes(tensor)

@@ -10,21 +10,26 @@ larger step size (parameter injection).
 Tensors are never modified in place: every update binds a new tensor, so restricted values and
 states handed to callbacks stay valid.
 
-Distribution: the caller may own only a block ``[lo, hi]`` of fine points (``lo`` and ``hi``
-multiples of the coarsest spacing, unless ``hi`` is the last point). Point ``lo`` is then a ghost
-copy of the previous block's last point, refreshed through ``comm`` before each F-relaxation;
-the coarsest level is relayed along the blocks and residual norms are summed over them.
+Distribution (``mgrit.layout``): each process owns a contiguous block of fine steps, any size;
+a step of a coarse level is evaluated by the process that owns its anchor fine step, so a level
+lives on the processes that own its points, however few. A process holds the points of its
+steps plus a ghost copy of the point before them, refreshed through ``comm`` before it is
+read; F-intervals, restriction and correction that straddle two processes exchange the values
+they share; the coarsest level is relayed along the processes that own it and residual norms
+are summed over all. Every value is computed by the same operations as on one process, so the
+result is bit-identical to it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from .config import MGRITConfig
 from .comm import SERIAL, Communicator
+from .layout import Block, Layout, layout
 
 Step = Callable[[torch.Tensor, int, float], torch.Tensor]
 
@@ -37,7 +42,8 @@ class MGRITDivergenceError(FloatingPointError):
 class MGRITResult:
     """What one solve returns.
 
-    states: the fine states u_lo..u_hi after the final sweep (u_0..u_N on a single process).
+    states: the fine states u_a..u_b of this process's steps [a, b) after the final sweep
+        (u_0..u_N on a single process; u_a is the ghost copy of the point before them).
     residuals: fine-level residual norm of each iteration that computed one (XBraid's
         convention: C-points excluding t=0, after relaxation and before the coarse correction,
         sqrt of the summed squared Frobenius norms).
@@ -58,62 +64,115 @@ class MGRITResult:
 
 
 class _Level:
-    """Points ``lo..hi`` of one level (local numbering of that level)."""
+    """The points ``a..b`` of one level held by this process (``a``: the ghost), its steps
+    ``[a, b)``; ``a == b`` on a level where this process owns no step."""
 
-    def __init__(self, spacing: int, dt: float, lo: int, hi: int, cfactor: Optional[int], sweeps: int):
-        self.spacing, self.dt, self.lo, self.hi = spacing, dt, lo, hi
+    def __init__(self, index: int, spacing: int, dt: float, steps, cfactor: Optional[int], sweeps: int):
+        self.index, self.spacing, self.dt = index, spacing, dt
+        self.a, self.b = steps
         self.m = cfactor  # None on the coarsest level
         self.sweeps = sweeps
         self.u: List[torch.Tensor] = []
         self.g: List[Optional[torch.Tensor]] = []  # FAS right-hand side, None means zero
         self.restricted: List[torch.Tensor] = []  # injected values, for the FAS correction
 
-    def c_points(self, include_lo: bool):
-        first = self.lo if include_lo else self.lo + self.m
-        return range(first, self.hi + 1, self.m)
+    @property
+    def active(self) -> bool:
+        return self.b > self.a
+
+    def produced_c_points(self):
+        """The C-points this process computes: those in ``(a, b]``."""
+        return range((self.a // self.m + 1) * self.m, self.b + 1, self.m)
+
+    def f_chains(self):
+        """The runs of F-steps ``[start, stop)`` in ``[a, b)``, one per C-interval."""
+        m, chains = self.m, []
+        for c in range((self.a // m) * m, self.b, m):
+            start, stop = max(self.a, c), min(self.b, c + m - 1)
+            if stop > start:
+                chains.append((start, stop))
+        return chains
 
 
 class _Solver:
-    def __init__(self, step: Step, num_steps, step_size, config: MGRITConfig, comm: Communicator,
-                 block, final_step: Optional[Step]):
-        self.step, self.final_step = step, final_step
-        self.config, self.comm = config, comm
-        lo, hi = block if block is not None else (0, num_steps)
+    def __init__(self, step: Step, u0: torch.Tensor, num_steps, step_size, config: MGRITConfig,
+                 comm: Communicator, layout: Layout, final_step: Optional[Step]):
+        self.step, self.final_step, self.u0 = step, final_step, u0
+        self.config, self.comm, self.layout = config, comm, layout
+        self.me = comm.position
         self.num_steps = num_steps
-        self.first_block = lo == 0
         self.levels: List[_Level] = []
         spacing = 1
         for l in range(config.levels):
             coarsest = l == config.levels - 1
             m = None if coarsest else config.cfactors[l]
             sweeps = 0 if coarsest else config.cf_sweeps[l]
-            self.levels.append(_Level(spacing, spacing * step_size, lo // spacing, hi // spacing, m, sweeps))
+            self.levels.append(_Level(l, spacing, spacing * step_size, layout.steps(l, self.me), m, sweeps))
             if not coarsest:
                 spacing *= m
+
+    # ----------------------------------------------------------------- messages
+    def _send(self, value: torch.Tensor, position: int) -> None:
+        self.comm.isend(value, self.comm.rank_at(position))
+
+    def _recv(self, like: torch.Tensor, position: int) -> torch.Tensor:
+        return self.comm.recv(like, self.comm.rank_at(position))
+
+    def _send_last(self, level: _Level) -> None:
+        nxt = self.layout.next(level.index, self.me)
+        if nxt is not None:
+            self._send(level.u[-1], nxt)
+
+    def _recv_ghost(self, level: _Level) -> None:
+        prev = self.layout.previous(level.index, self.me)
+        if prev is not None:
+            level.u[0] = self._recv(level.u[0], prev)
 
     # ----------------------------------------------------------------- basic operations
     def _phi(self, level: _Level, j: int, u: torch.Tensor, step: Optional[Step] = None) -> torch.Tensor:
         """Propagate level point j to j+1, plus the FAS right-hand side at j+1."""
         out = (step or self.step)(u, j * level.spacing, level.dt)
-        g = level.g[j + 1 - level.lo]
+        g = level.g[j + 1 - level.a]
         return out if g is None else out + g
 
-    def _refresh_ghost(self, level: _Level):
-        ghost = self.comm.exchange(level.u[-1])
-        if ghost is not None:
-            level.u[0] = ghost
+    def _propagate(self, level: _Level, start: int, stop: int, step: Optional[Step]) -> None:
+        u, a = level.u, level.a
+        for j in range(start, stop):
+            u[j + 1 - a] = self._phi(level, j, u[j - a], step)
 
     def f_relax(self, level: _Level, step: Optional[Step] = None):
-        self._refresh_ghost(level)
-        u, lo = level.u, level.lo
-        for c in level.c_points(include_lo=True):
-            for i in range(c + 1, min(c + level.m, level.hi + 1)):
-                u[i - lo] = self._phi(level, i - 1, u[i - 1 - lo], step)
+        """F-relaxation. An F-interval may run over several processes: the last point goes to
+        the next process as soon as it is final (at once when it is a C-point, which the sweep
+        does not change), and the run that starts at the ghost comes last, so that a process
+        waits for its predecessor only after the work that does not need it."""
+        if not level.active:
+            return
+        m, a, b = level.m, level.a, level.b
+        last_is_c = b % m == 0
+        if last_is_c:
+            self._send_last(level)
+        chains = level.f_chains()
+        head = chains[0] if chains and chains[0][0] == a else None
+        tail = chains[-1] if chains and chains[-1][1] == b else None
+        if tail is not None and tail is not head:
+            self._propagate(level, *tail, step)
+        if not last_is_c and tail is not head:
+            self._send_last(level)
+        for chain in chains:
+            if chain is not head and chain is not tail:
+                self._propagate(level, *chain, step)
+        self._recv_ghost(level)
+        if head is not None:
+            self._propagate(level, *head, step)
+        if not last_is_c and tail is head:
+            self._send_last(level)
 
     def c_relax(self, level: _Level, step: Optional[Step] = None):
-        u, lo = level.u, level.lo
-        for c in level.c_points(include_lo=False):
-            u[c - lo] = self._phi(level, c - 1, u[c - 1 - lo], step)
+        if not level.active:
+            return
+        u, a = level.u, level.a
+        for c in level.produced_c_points():
+            u[c - a] = self._phi(level, c - 1, u[c - 1 - a], step)
 
     def relax(self, level: _Level):
         self.f_relax(level)
@@ -122,43 +181,93 @@ class _Solver:
             self.f_relax(level)
 
     def serial_solve(self, level: _Level, step: Optional[Step] = None):
-        """Sequential propagation over the level, relayed along the blocks."""
-        if not self.first_block:
-            level.u[0] = self.comm.recv_prev(level.u[0])
-        u, lo = level.u, level.lo
-        for j in range(lo + 1, level.hi + 1):
-            u[j - lo] = self._phi(level, j - 1, u[j - 1 - lo], step)
-        self.comm.send_next(u[-1])
+        """Sequential propagation over the level, relayed along the processes that own it."""
+        if not level.active:
+            return
+        self._recv_ghost(level)
+        self._propagate(level, level.a, level.b, step)
+        self._send_last(level)
 
     def restrict(self, l: int, fas: bool) -> float:
         """Inject C-points into level l+1 and, with ``fas``, form its FAS right-hand side.
+
+        A C-point of level l and its coarse point may be computed by different processes (an
+        interval of level l+1 that starts on one process and ends on the next): the fine one
+        then sends the value (and the propagated value the right-hand side needs), and so does
+        the producer of a coarse ghost that the receiving process does not hold on level l.
 
         Returns the local sum of squared residual norms at the C-points of the finest level
         (0 without ``fas`` and on coarser levels, whose norms are never reported: one host
         synchronisation per iteration, not one per C-point).
         """
         fine, coarse = self.levels[l], self.levels[l + 1]
-        lo = fine.lo
-        coarse.u = [fine.u[c - lo] for c in fine.c_points(include_lo=True)]
-        coarse.restricted = list(coarse.u)
-        coarse.g = [None] * len(coarse.u)
-        sq = []
-        if not fas:
-            return 0.0
-        for c in fine.c_points(include_lo=False):
-            j = c // fine.m - coarse.lo
-            propagated = self._phi(fine, c - 1, fine.u[c - 1 - lo])
-            if l == 0:
-                sq.append(torch.linalg.vector_norm(propagated - fine.u[c - lo]).square())
-            coarse_start = (j - 1 + coarse.lo) * coarse.spacing
-            coarse.g[j] = propagated - self.step(coarse.restricted[j - 1], coarse_start, coarse.dt)
+        layout, me, m = self.layout, self.me, fine.m
+        sq, mine = [], {}
+        first = layout.owner(l + 1, 0)     # point 0 (the initial value) comes from position 0
+        if me == 0 and first != me and layout.steps(l, first)[0] > 0:
+            self._send(self.u0, first)
+        for c in fine.produced_c_points() if fine.active else ():
+            q = c // m
+            propagated = self._phi(fine, c - 1, fine.u[c - 1 - fine.a]) if fas else None
+            if fas and l == 0:
+                sq.append(torch.linalg.vector_norm(propagated - fine.u[c - fine.a]).square())
+            mine[q] = (fine.u[c - fine.a], propagated)
+            maker = layout.owner(l + 1, q - 1)          # who computes coarse point q
+            if maker != me:
+                self._send(fine.u[c - fine.a], maker)
+                if fas:
+                    self._send(propagated, maker)
+            if q < layout.counts[l + 1]:
+                holder = layout.owner(l + 1, q)        # whose coarse ghost q is
+                if holder not in (me, maker) and layout.steps(l, holder)[0] > c:
+                    self._send(fine.u[c - fine.a], holder)
+        if coarse.active:
+            like = fine.u[0]
+            ghost = coarse.a * m
+            if fine.a <= ghost <= fine.b:
+                values = [fine.u[ghost - fine.a]]
+            else:
+                values = [self._recv(like, layout.producer(l, ghost))]
+            propagated = [None]
+            for q in range(coarse.a + 1, coarse.b + 1):
+                if q in mine:
+                    value, prop = mine[q]
+                else:
+                    source = layout.producer(l, q * m)
+                    value = self._recv(like, source)
+                    prop = self._recv(like, source) if fas else None
+                values.append(value)
+                propagated.append(prop)
+            coarse.u = values
+            coarse.restricted = list(values)
+            coarse.g = [None] * len(values)
+            if fas:
+                for i in range(1, len(values)):
+                    start = (coarse.a + i - 1) * coarse.spacing
+                    coarse.g[i] = propagated[i] - self.step(coarse.restricted[i - 1], start, coarse.dt)
         return float(torch.stack(sq).double().sum()) if sq else 0.0
 
     def correct(self, l: int):
+        """C-points of level l += (coarse value - injected value); the coarse point's maker
+        sends the difference where the fine C-point is computed elsewhere."""
         fine, coarse = self.levels[l], self.levels[l + 1]
-        for c in fine.c_points(include_lo=False):
-            j = c // fine.m - coarse.lo
-            fine.u[c - fine.lo] = fine.u[c - fine.lo] + (coarse.u[j] - coarse.restricted[j])
+        layout, me, m = self.layout, self.me, fine.m
+        for q in range(coarse.a + 1, coarse.b + 1) if coarse.active else ():
+            i = q - coarse.a
+            target = layout.producer(l, q * m)
+            if target != me:
+                self._send(coarse.u[i] - coarse.restricted[i], target)
+        if not fine.active:
+            return
+        for c in fine.produced_c_points():
+            q = c // m
+            maker = layout.owner(l + 1, q - 1)
+            if maker == me:
+                i = q - coarse.a
+                difference = coarse.u[i] - coarse.restricted[i]
+            else:
+                difference = self._recv(fine.u[0], maker)
+            fine.u[c - fine.a] = fine.u[c - fine.a] + difference
 
     # ----------------------------------------------------------------- cycles
     def cycle(self, l: int, kind: str, skip: bool, on_residual) -> None:
@@ -227,7 +336,7 @@ def _initial_states(u0, lo, hi, guess, initial_states):
 def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config: MGRITConfig, *,
           max_iters: Optional[int] = None, initial_states=None, callback=None,
           final_step: Optional[Step] = None, comm: Optional[Communicator] = None,
-          block=None) -> MGRITResult:
+          blocks: Optional[Sequence[Block]] = None, anchor: str = "first") -> MGRITResult:
     """Solve u_{n+1} = step(u_n, n, step_size), n = 0..num_steps-1, with FAS MGRIT.
 
     step: ``step(u, n, dt) -> u_next``; n is the fine index of the interval start and dt the
@@ -242,8 +351,10 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
         with a ghost exchange, so under ``comm`` every rank must pass a callback or none.
     final_step: step function for the final F-then-C sweep on the finest level (default
         ``step``); every fine step is evaluated exactly once in that sweep.
-    comm, block: distribution (see the module docstring); by default a single process owns
-        every point.
+    comm, blocks, anchor: distribution (see the module docstring and ``mgrit.layout``): the
+        fine steps ``[lo, hi)`` of every process in solve order (``comm.position`` indexes
+        them), and which fine step of a coarse interval decides its owner; by default a single
+        process owns every step.
     """
     comm = comm or SERIAL
     if not isinstance(num_steps, int) or num_steps < 1:
@@ -253,15 +364,17 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
         raise ValueError(
             f"{config.levels} levels with cfactors {config.cfactors} need at least {spacing} steps "
             f"(one interval on the coarsest level), got {num_steps}")
-    lo, hi = block if block is not None else (0, num_steps)
-    if lo % spacing or (hi % spacing and hi != num_steps) or not 0 <= lo < hi <= num_steps:
-        raise ValueError(f"block {block} must lie in [0, {num_steps}] on coarsest-level boundaries "
-                         f"(multiples of {spacing})")
+    blocks = [(0, num_steps)] if blocks is None else blocks
+    if len(blocks) != comm.size:
+        raise ValueError(f"blocks {list(blocks)} name {len(blocks)} processes, the communicator has "
+                         f"{comm.size}")
+    plan = layout(num_steps, blocks, config.cfactors, anchor)
+    lo, hi = plan.blocks[comm.position]
     if not torch.isfinite(u0).all():
         raise MGRITDivergenceError("the initial value u0 contains NaN or Inf")
     max_iters = config.fwd_iters if max_iters is None else max_iters
 
-    solver = _Solver(step, num_steps, step_size, config, comm, (lo, hi), final_step)
+    solver = _Solver(step, u0, num_steps, step_size, config, comm, plan, final_step)
     fine = solver.levels[0]
     fine.u = _initial_states(u0, lo, hi, config.initial_guess, initial_states)
     fine.g = [None] * len(fine.u)

@@ -12,6 +12,7 @@ be inflated by other load, never deflated.
 from __future__ import annotations
 
 import itertools
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
@@ -21,6 +22,7 @@ from torch import nn
 
 from ...core.blocks import encoder_rhs
 from ...core.layer_parallel import LayerParallel
+from ...core.ownership import partition_layers
 from ...mgrit.config import MGRITConfig
 from ...perf import INFINIBAND, NVLINK, cost_model, emulate
 
@@ -51,13 +53,14 @@ def make_layers(n: int, shape: Shape = Shape()) -> List[nn.Module]:
 
 def configurations(n: int, p: int, levels: Sequence[int] = (2, 3, 4), cfactors: Sequence[int] = (2, 4, 8),
                    iterations: Sequence[Tuple[int, int]] = ((1, 1), (2, 1))) -> List[dict]:
-    """Every option set of the grid whose coarsest level gives each of p ranks whole intervals.
-    With one forward iteration the skipped first down-cycle relaxes nothing, so F and FCF do the
-    same work and compute the same numbers: both appear only with two forward iterations."""
+    """Every option set of the grid whose hierarchy fits n layers (any p <= n runs it: coarse
+    levels live on the ranks that own their points). With one forward iteration the skipped
+    first down-cycle relaxes nothing, so F and FCF do the same work and compute the same
+    numbers: both appear only with two forward iterations."""
     out = []
     for level, m, (fi, bi) in itertools.product(levels, cfactors, iterations):
         spacing = m ** (level - 1)
-        if n % spacing or (n // spacing) % p:
+        if n % spacing or p > n:
             continue
         for relax in (("FCF",) if fi == 1 else ("F", "FCF")):
             out.append(dict(levels=level, cfactor=m, relax=relax, fwd_iters=fi, bwd_iters=bi))
@@ -99,8 +102,7 @@ def world_sweep(comm, layers, plan, x, reps):
     """One rank of one (N, P) world: every (configuration, links) of ``plan`` in turn, in
     lockstep. Rank 0 also times a serial step of all layers before each configuration (the
     other ranks wait meanwhile)."""
-    stack = LayerParallel(layers, rhs=encoder_rhs, mgrit=MGRITConfig(**plan[0][0]), comm=comm,
-                          partition="even")
+    stack = LayerParallel(layers, rhs=encoder_rhs, mgrit=MGRITConfig(**plan[0][0]), comm=comm)
     serial = LayerParallel(layers, rhs=encoder_rhs).serial() if comm.rank == 0 else None
     serial_times = [serial_step_time(serial, x) for _ in range(2)][1:] if serial else []
     results = []
@@ -175,6 +177,11 @@ def measure_world(n, p, plan, layers, x, reps, units) -> List[dict]:
         priced = cost_model(*setting, relax=options["relax"],
                             step_costs=dict(units, forward_final=units["record"]))
         measured_counts = [r["counts"] for r in per_rank]
+        # the critical rank's own evaluations priced with the standalone step costs: what its
+        # compute would be without any overhead of ours and without emulator inflation
+        lo, hi = partition_layers(n, MGRITConfig(levels=options["levels"], cfactor=options["cfactor"])
+                                  .coarsest_spacing, p)[critical]
+        own = priced_counts(measured_counts[critical], units, hi - lo)
         rows.append(dict(
             layers=n, ranks=p, link=link, levels=options["levels"], cfactor=options["cfactor"],
             relax=options["relax"], iters=f"{options['fwd_iters']}/{options['bwd_iters']}",
@@ -184,9 +191,45 @@ def measure_world(n, p, plan, layers, x, reps, units) -> List[dict]:
             calibrated_speedup=priced["speedup"],
             critical_rank=critical, critical_compute_s=per_rank[critical]["compute"],
             critical_wait_s=per_rank[critical]["own"] - per_rank[critical]["compute"],
+            critical_priced_s=own, ratio=(serial_s / t) / priced["speedup"],
             counts_match_model=measured_counts == [vars(c) for c in model["per_rank"]],
             counts_critical=measured_counts[critical]))
     return rows
+
+
+def priced_counts(counts: Dict[str, int], units: Dict[str, float], owned: int) -> float:
+    """Seconds of a rank's step evaluations at the step costs ``units``: the ``owned`` layers'
+    steps of each final sweep (recording, and forming parameter gradients) at their own price,
+    the rest as plain forward and adjoint steps."""
+    return ((counts["forward_fine"] - owned + counts["forward_coarse"]) * units["forward"]
+            + owned * units["record"]
+            + (counts["adjoint_fine"] - owned + counts["adjoint_coarse"]) * units["adjoint"]
+            + owned * units["adjoint_final"])
+
+
+def step_inflation(x, ranks: int, steps: int, shape: Shape = Shape(), turns: int = 6) -> float:
+    """How much the emulator inflates a layer step's CPU time: ``ranks`` emulated ranks pass a
+    token round a ring, as the ranks of a run take turns on the cores; in each turn a rank runs
+    ``steps`` serial layer steps (forward and backward) right after taking over, then the same
+    again at once. The first run pays for the hand-over (caches another rank left cold), the
+    second does not: the ratio of their least times, median over the ranks, under the same
+    machine load."""
+
+    def rank(comm):
+        mine = LayerParallel(make_layers(steps, shape), rhs=encoder_rhs).serial()
+        token, cold, warm = torch.zeros(1), float("inf"), float("inf")
+        for turn in range(turns):
+            if comm.rank or turn:
+                token = comm.recv(token, (comm.rank - 1) % comm.size)
+            cold = min(cold, serial_step_time(mine, x))
+            warm = min(warm, serial_step_time(mine, x))
+            comm.isend(token, (comm.rank + 1) % comm.size)
+        if comm.rank == 0:
+            comm.recv(token, comm.size - 1)
+        comm.flush()
+        return cold / warm
+
+    return statistics.median(emulate(rank, ranks))
 
 
 def best_rows(rows, iters, link="NVLINK") -> Dict[Tuple[int, int], dict]:

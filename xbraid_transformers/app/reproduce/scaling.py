@@ -43,8 +43,8 @@ def _plan(n, p, levels, s):
     """One forward / one backward iteration (F and FCF coincide), the link of the settings."""
     plan = [(c, [s["link"]]) for c in configurations(n, p, levels, s["cfactors"], ((1, 1),))]
     if not plan:
-        raise ValueError(f"no hierarchy of levels {levels} and cfactors {s['cfactors']} gives each of "
-                         f"{p} ranks a whole coarsest interval of {n} layers")
+        raise ValueError(f"no hierarchy of levels {levels} and cfactors {s['cfactors']} fits {n} "
+                         f"layers on {p} ranks (at most one rank per layer)")
     return plan
 
 
