@@ -14,27 +14,26 @@ against the real wall time of the same step on 2 gloo processes of this machine.
    sample the same drifting load of a shared machine; every figure is a median over all steps
    of all rounds, with its quartiles and extremes.
 
-    python benchmarks/emulator_honesty.py [--layers 64] [--steps 20] [--rounds 5]
-writes benchmarks/results/emulator_honesty.json and emulator_honesty.md.
+    python benchmarks/emulator_honesty.py [--layers 64] [--steps 20] [--rounds 5] [--out DIR]
+writes benchmarks/results/emulator_honesty.json and emulator_honesty.md (or into DIR);
+``--smoke`` runs a few steps of 8 layers into a temporary directory (a check that it runs).
 """
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
+import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import xbraid_transformers as xbt  # noqa: E402
-from xbraid_transformers.core.blocks import encoder_rhs  # noqa: E402
-from xbraid_transformers.perf import LinkModel, emulate  # noqa: E402
-from scaling import BATCH, D, SEQ, make_layers  # noqa: E402
+import xbraid_transformers as xbt
+from xbraid_transformers.app.bench.scaling import Shape, make_layers
+from xbraid_transformers.app.provenance import provenance, write_json, write_markdown
+from xbraid_transformers.core.blocks import encoder_rhs
+from xbraid_transformers.perf import LinkModel, emulate
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SHAPE = Shape()   # the layers and input of benchmarks/scaling.py
 SIZES = [4, 1 << 10, 4 << 10, 64 << 10, 1 << 20, 4 << 20]   # bytes; the step sends 4 KiB states
 CONFIGS = {
     "L2 m4 FCF 1/1": dict(levels=2, cfactor=4, relax="FCF", fwd_iters=1, bwd_iters=1),
@@ -82,7 +81,7 @@ def fit_link(one_way):
 
 
 def _stack(comm, num_layers, options):
-    layers = make_layers(num_layers)
+    layers = make_layers(num_layers, SHAPE)
     if options is None:
         return xbt.LayerParallel(layers, rhs=encoder_rhs).serial()
     return xbt.LayerParallel(layers, rhs=encoder_rhs, mgrit=xbt.MGRITConfig(**options), comm=comm)
@@ -96,7 +95,7 @@ def _step(stack, x):
 
 def _input():
     # threads share torch's global generator: a generator of its own gives every rank the same x
-    return torch.randn(BATCH, SEQ, D, generator=torch.Generator().manual_seed(1))
+    return SHAPE.input(seed=1)
 
 
 def real_steps(comm, num_layers, options, steps):
@@ -155,35 +154,47 @@ def summary(samples):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", help="directory of the results (default: benchmarks/results; with --smoke a "
+                                  "temporary directory)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="8 layers, 2 steps, 1 round, short ping-pongs, the first configuration only")
     args = ap.parse_args()
+    trips, reps, configs = 50, 3, CONFIGS
+    if args.smoke:   # one configuration: the other runs the same code with other options
+        args.layers, args.steps, args.rounds, trips, reps = 8, 2, 1, 5, 2
+        configs = dict(list(CONFIGS.items())[:1])
+    out = args.out or (tempfile.mkdtemp(prefix="emulator_honesty-") if args.smoke else OUT)
+    facts = provenance()
     torch.set_num_threads(1)
     start = time.time()
+    loads = [os.getloadavg()[0]]   # 1-minute load average before the run and after each round
 
     one_way = {n: [] for n in SIZES}
     for _ in range(args.rounds):
-        for n, samples in xbt.spawn(pingpong, 2, SIZES, 50, 3)[0].items():
+        for n, samples in xbt.spawn(pingpong, 2, SIZES, trips, reps)[0].items():
             one_way[n] += samples
     link = fit_link(one_way)
     print(f"gloo link: latency {link.latency * 1e6:.1f} us, bandwidth {link.bandwidth / 1e9:.2f} GB/s",
           flush=True)
 
     samples = {name: dict(wall=[], thread_cpu=[], process_cpu=[], virtual=[], compute=[])
-               for name in CONFIGS}
+               for name in configs}
     serial = dict(wall=[], cpu=[])
     for r in range(args.rounds):
         serial["wall"] += serial_steps(args.layers, args.steps, time.perf_counter)
         serial["cpu"] += serial_steps(args.layers, args.steps, time.thread_time)
-        for name, options in CONFIGS.items():
+        for name, options in configs.items():
             for key, values in xbt.spawn(real_steps, 2, args.layers, options, args.steps)[0].items():
                 samples[name][key] += values
             emulated = emulate(emulated_steps, 2, args.layers, options, args.steps, link=link)
             for key, values in emulated[0].items():
                 samples[name][key] += values
-        print(f"round {r + 1}/{args.rounds} [{time.time() - start:.0f} s]", flush=True)
+        loads.append(os.getloadavg()[0])
+        print(f"round {r + 1}/{args.rounds} [{time.time() - start:.0f} s], load average {loads[-1]:.2f}", flush=True)
 
     serial_summary = {k: summary(v) for k, v in serial.items()}
     results = {}
@@ -191,19 +202,20 @@ def main():
         figures = {k: summary(v) for k, v in s.items()}
         real, virtual = figures["wall"]["median"], figures["virtual"]["median"]
         results[name] = dict(
-            options=CONFIGS[name], **figures, emulated_over_real=virtual / real,
+            options=configs[name], **figures, emulated_over_real=virtual / real,
             real_speedup=serial_summary["wall"]["median"] / real,
             predicted_speedup=serial_summary["cpu"]["median"] / virtual, samples=s)
         print(f"{name}: real {real * 1e3:.2f} ms, emulated {virtual * 1e3:.2f} ms", flush=True)
-    meta = dict(layers=args.layers, d_model=D, batch=BATCH, seq=SEQ, steps=args.steps,
-                rounds=args.rounds, machine=f"{platform.machine()}, {os.cpu_count()} CPUs (shared), "
-                f"torch {torch.__version__}", wall_s=time.time() - start,
+    meta = dict(layers=args.layers, d_model=SHAPE.d_model, batch=SHAPE.batch, seq=SHAPE.seq, steps=args.steps,
+                rounds=args.rounds, machine=f"{facts['machine']}, shared with other work",
+                load_average=loads, wall_s=time.time() - start,
                 link=dict(latency_s=link.latency, bandwidth_Bps=link.bandwidth,
                           one_way_s={str(n): summary(v) for n, v in one_way.items()}))
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "emulator_honesty.json"), "w") as f:
-        json.dump(dict(meta, serial=dict(serial_summary, samples=serial), configs=results), f, indent=1)
-    write_table(meta, serial_summary, results)
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "emulator_honesty.json"),
+               dict(meta, serial=dict(serial_summary, samples=serial), configs=results), facts)
+    write_markdown(os.path.join(out, "emulator_honesty.md"), table(meta, serial_summary, results), facts)
+    print(f"wrote {out}/emulator_honesty.json and .md")
 
 
 def _ms(s):
@@ -211,14 +223,15 @@ def _ms(s):
     return f"{ms['median']:.2f} [{ms['q1']:.2f}, {ms['q3']:.2f}] ({ms['min']:.2f}-{ms['max']:.2f})"
 
 
-def write_table(meta, serial, results):
+def table(meta, serial, results):
     link = meta["link"]
     lines = [
         "# Emulator honesty: predicted (virtual) vs real time of one training step, 2 gloo ranks",
         "",
         f"{meta['layers']} layers, d_model {meta['d_model']}, batch {meta['batch']} x {meta['seq']} "
         f"tokens, one torch thread per rank; {meta['rounds']} rounds x {meta['steps']} steps; "
-        f"{meta['machine']}.",
+        f"{meta['machine']}; 1-minute load average {meta['load_average'][0]:.2f} before the run, "
+        f"{min(meta['load_average'][1:]):.2f}-{max(meta['load_average'][1:]):.2f} after the rounds.",
         f"Link fitted to gloo ping-pongs ({', '.join(link['one_way_s'])} bytes): latency "
         f"{link['latency_s'] * 1e6:.1f} us, bandwidth {link['bandwidth_Bps'] / 1e9:.2f} GB/s.",
         "Times in ms: median [quartiles] (min-max) over all steps.",
@@ -243,9 +256,14 @@ def write_table(meta, serial, results):
         "time a process waits for a core: two busy processes plus gloo's threads on 2 cores "
         "shared with other work. The CPU columns say how much of the gap is compute and how much "
         "is waiting; the quartiles and extremes say how much one figure can move between runs.",
+        "",
+        "Load: the machine is shared with other jobs (the load averages above). Real, emulated and "
+        "serial steps alternate round by round, so all of them sample the same load and the ratios "
+        "(virtual / real, the speedups) compare times taken side by side; the real wall times still "
+        "grow with the load, which the emulator does not model, so virtual / real falls as the load "
+        "rises.",
     ]
-    with open(os.path.join(OUT, "emulator_honesty.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

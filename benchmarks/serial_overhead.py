@@ -4,19 +4,25 @@ serial mode over torch.nn.TransformerEncoder(norm_first=True) with the same weig
 one run (median of the per-round ratios). One torch thread; times are the thread's CPU time
 (``time.thread_time``), which other processes on a shared machine do not inflate.
 
-    python benchmarks/serial_overhead.py   -> benchmarks/results/serial_overhead.json
+    python benchmarks/serial_overhead.py [--out DIR]   -> benchmarks/results/serial_overhead.json
+    python benchmarks/serial_overhead.py --smoke       # one small size, 3 rounds, a temporary directory
 """
-import json
+import argparse
 import os
 import statistics
+import tempfile
 import time
 
 import torch
 from torch import nn
 
 import xbraid_transformers as xbt
+from xbraid_transformers.app.provenance import provenance, write_json
 
-OUT = os.path.join(os.path.dirname(__file__), "results")
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# (d_model, layers, batch, seq, dropout) of each measured size
+SIZES = [(256, 8, 8, 64, 0.1), (256, 8, 8, 64, 0.0), (64, 16, 4, 32, 0.1), (64, 16, 4, 32, 0.0)]
+SMOKE_SIZES = [(32, 4, 2, 8, 0.1)]
 
 
 def step(model, x):
@@ -44,14 +50,24 @@ def measure(d_model, layers, batch, seq, dropout, rounds=30):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--out", help="directory of serial_overhead.json (default: benchmarks/results; with "
+                                  "--smoke a temporary directory)")
+    ap.add_argument("--smoke", action="store_true", help="one small size, 3 rounds")
+    args = ap.parse_args()
+    sizes = SMOKE_SIZES if args.smoke else SIZES
+    rounds = 3 if args.smoke else args.rounds
+    out = args.out or (tempfile.mkdtemp(prefix="serial_overhead-") if args.smoke else OUT)
+    facts = provenance()
     torch.set_num_threads(1)
-    rows = [measure(256, 8, 8, 64, 0.1), measure(256, 8, 8, 64, 0.0), measure(64, 16, 4, 32, 0.1),
-            measure(64, 16, 4, 32, 0.0)]
+    rows = [measure(*size, rounds=rounds) for size in sizes]
     for r in rows:
         print(r)
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "serial_overhead.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "serial_overhead.json"),
+               dict(timer="thread CPU time", rounds=rounds, rows=rows), facts)
+    print(f"wrote {out}/serial_overhead.json")
 
 
 if __name__ == "__main__":

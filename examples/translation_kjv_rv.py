@@ -4,12 +4,13 @@ decoder as one ODE (one MGRIT solve over both stacks), serially and layer-parall
     apt-get install -y --no-install-recommends sword-text-kjv sword-text-sparv   # (docs/data.md)
     python examples/translation_kjv_rv.py --layers 4 --steps 300   # 4 encoder + 4 decoder layers
     python examples/translation_kjv_rv.py --synthetic --steps 30
+    python examples/translation_kjv_rv.py --smoke --out DIR       # seconds; DIR/metrics.json
 
 Reports validation loss, next-token accuracy and (with sacrebleu installed) greedy BLEU.
 """
 import torch
 import torch.nn.functional as F
-from _common import compare, parallel_config, parser
+from _common import compare, parallel_config, parse, parser, write_metrics
 
 from xbraid_transformers.data import DataSourceMissing
 from xbraid_transformers.data.translation import (SYNTHETIC_BOS, SYNTHETIC_EOS, SYNTHETIC_PAD, greedy_bleu,
@@ -18,7 +19,9 @@ from xbraid_transformers.models import Seq2Seq, Seq2SeqConfig
 
 flags = parser(__doc__, layers=4, steps=300, batch=32, lr=1e-3)
 flags.add_argument("--max-len", type=int, default=48)
-args = flags.parse_args()
+flags.add_argument("--width", type=int, default=128, help="d_model")
+flags.add_argument("--val-size", type=int, default=200, help="validation pairs (the first 50 also give BLEU)")
+args = parse(flags, layers=2, steps=2, batch=4, width=32, val_size=8)
 torch.manual_seed(args.seed)
 PAD, BOS, EOS = SYNTHETIC_PAD, SYNTHETIC_BOS, SYNTHETIC_EOS
 detokenize = None
@@ -45,7 +48,7 @@ def next_batch(g):
 
 
 def evaluate(model):
-    src, tgt = src_val[:200], tgt_val[:200]
+    src, tgt = src_val[:args.val_size], tgt_val[:args.val_size]
     logits = model(src, tgt[:, :-1])
     labels = tgt[:, 1:]
     keep = labels != PAD
@@ -60,7 +63,8 @@ def evaluate(model):
 
 longest = max(t.shape[1] for t in (src_train, tgt_train, src_val, tgt_val))
 config = Seq2SeqConfig(src_vocab=vocab, tgt_vocab=vocab, max_len=max(longest, 16),
-                       d_model=128, n_heads=4, num_encoder_layers=args.layers,
+                       d_model=args.width, n_heads=4, num_encoder_layers=args.layers,
                        num_decoder_layers=args.layers, dropout=0.1, pad_id=PAD, bos_id=BOS,
                        eos_id=EOS, parallel=parallel_config(args))
-compare(args, Seq2Seq(config), lambda m, b: m.loss(*b), next_batch, evaluate)
+results, _ = compare(args, Seq2Seq(config), lambda m, b: m.loss(*b), next_batch, evaluate)
+write_metrics(args, results)

@@ -95,8 +95,9 @@ def gpt_family(*, source: str = "shakespeare", vocab_size: int = 1024, d_model: 
 
 
 def vit_family(*, d_model: int = 32, heads: int = 4, layers: int = 8, batch: int = 64, train_size: int = 4000,
-               sgd_lr: float = 0.5, adamw_lr: float = 3e-3) -> Family:
-    """ViT on MNIST-5k: the first ``train_size`` digits (shuffled) train, the rest validate."""
+               val_size: Optional[int] = None, sgd_lr: float = 0.5, adamw_lr: float = 3e-3) -> Family:
+    """ViT on MNIST-5k: the first ``train_size`` digits (shuffled) train, the rest (or the next
+    ``val_size``) validate."""
     from ...data.images import images_to_float, mnist_5k
     from ...models.vit import ViT, ViTConfig
 
@@ -104,7 +105,8 @@ def vit_family(*, d_model: int = 32, heads: int = 4, layers: int = 8, batch: int
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # file is sorted by class
     images, labels = images_to_float(images).reshape(-1, 1, 28, 28)[order], labels[order]
     train_x, train_y = images[:train_size], labels[:train_size]
-    val_x, val_y = images[train_size:], labels[train_size:]
+    val_end = None if val_size is None else train_size + val_size
+    val_x, val_y = images[train_size:val_end], labels[train_size:val_end]
     loss_fn = nn.CrossEntropyLoss()
 
     def make(seed):

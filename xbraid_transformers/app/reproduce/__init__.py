@@ -13,6 +13,7 @@ import os
 import time
 from typing import Callable, Dict, Iterable, List, Optional
 
+from ..provenance import provenance, provenance_line, stamped
 from . import (buffers, convergence, dropout, encoder_parity, finetune, gradient_bias, indicator, multilevel,
                scaling, time_to_quality, translation)
 from .base import MODES, Experiment, Verdict
@@ -33,20 +34,23 @@ def run_experiment(experiment: Experiment, mode: str, out_dir: str,
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     os.makedirs(out_dir, exist_ok=True)
+    facts = provenance()   # the code that runs, as it was when the run started
     start = time.perf_counter()
     result = experiment.run(dict(experiment.settings[mode]), progress)
-    record = write_record(experiment, mode, out_dir, result, time.perf_counter() - start)
+    record = write_record(experiment, mode, out_dir, result, time.perf_counter() - start, facts)
     progress(f"{experiment.name}: {record['verdict']['label']} ({record['seconds']:.0f} s)")
     return record
 
 
-def write_record(experiment: Experiment, mode: str, out_dir: str, result: dict, seconds: float) -> dict:
-    """``NAME.json`` (the result with its verdict) and ``NAME.png`` of a finished run in
-    ``out_dir``; returns the record."""
+def write_record(experiment: Experiment, mode: str, out_dir: str, result: dict, seconds: float,
+                 facts: Optional[dict] = None) -> dict:
+    """``NAME.json`` (the result with its verdict and provenance: ``facts``, by default this
+    process's) and ``NAME.png`` of a finished run in ``out_dir``; returns the record."""
     figure = f"{experiment.name}.png"
     experiment.plot(result, os.path.join(out_dir, figure))
-    record = {"name": experiment.name, "mode": mode, "seconds": seconds, "result": result,
-              "verdict": experiment.verdict(result).as_dict(), "figure": figure}
+    record = stamped({"name": experiment.name, "mode": mode, "seconds": seconds, "result": result,
+                      "verdict": experiment.verdict(result).as_dict(), "figure": figure},
+                     facts or provenance())
     with open(os.path.join(out_dir, f"{experiment.name}.json"), "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=1, allow_nan=True)
     return record
@@ -62,7 +66,8 @@ def section(record: dict) -> str:
         experiment.tables(record["result"]),
         f"![{experiment.name}]({record['figure']})",
         f"**Verdict: {v['label']}.** {v['evidence']}. Rule: {v['rule']}.",
-        *(f"*Caveat:* {note}" for note in experiment.notes)])
+        *(f"*Caveat:* {note}" for note in experiment.notes),
+        *([provenance_line(record["provenance"])] if "provenance" in record else [])])
 
 
 def load_records(out_dir: str) -> List[dict]:
