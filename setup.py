@@ -28,10 +28,12 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         # Hugging Face models made layer-parallel (xbt.make_layer_parallel). timm is not listed:
         # it requires torchvision, whose wheels pin a torch build (pip would replace a CPU torch);
-        # install it with `pip install --no-deps timm`.
-        "hf": ["transformers>=5.0"],
+        # install it with `pip install --no-deps timm`. transformers.Trainer (and so
+        # xbt.adapters.AdaptiveCallback) needs accelerate.
+        "hf": ["transformers>=5.0", "accelerate>=1.1"],
         "dev": ["pytest>=7", "ruff>=0.6", "tokenizers>=0.15", "sacrebleu>=2.0", "tqdm>=4.60",
-                "matplotlib>=3.5", "mpi4py>=3.1", "mpich>=4.1", "transformers>=5.0"],
+                "matplotlib>=3.5", "mpi4py>=3.1", "mpich>=4.1", "transformers>=5.0",
+                "accelerate>=1.1"],
     },
     entry_points={"console_scripts": ["xbt = xbraid_transformers.app.cli:main"]},
 )

@@ -3,7 +3,9 @@
 The oracle is always the untouched library model through autograd: at step 1 in serial mode the
 wrapped model must be it (outputs, loss, every parameter gradient, float64); at the default step
 converged MGRIT must equal the serial wrapped model; a coarse view at step 2 * 0.5 must be the
-untouched model with every other block. No weights are downloaded: tiny configs, random init.
+untouched model with every other block. The blocks are found without being named: through the
+models' own _no_split_modules (any transformers model) or a known family's path (timm). No
+weights are downloaded: tiny configs, random init.
 """
 import copy
 import importlib.abc
@@ -12,6 +14,7 @@ import importlib.machinery
 import os
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -107,6 +110,30 @@ def llama(dropout=0.0, layers=LAYERS):
     return transformers.LlamaForCausalLM(config)
 
 
+# Decoders found through their _no_split_modules (Llama's layout, GPT-NeoX's parallel residual).
+DECODER_SIZE = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                    max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def decoder(name: str, dropouts=("attention_dropout",), **options):
+    """The builder of a tiny ``{name}ForCausalLM`` (its dropout fields set to ``dropout``)."""
+    def build_decoder(dropout=0.0, layers=LAYERS):
+        config = getattr(transformers, f"{name}Config")(
+            num_hidden_layers=layers, **{field: dropout for field in dropouts}, **options,
+            **DECODER_SIZE)
+        return getattr(transformers, f"{name}ForCausalLM")(config)
+    return build_decoder
+
+
+qwen2 = decoder("Qwen2", num_key_value_heads=1)
+mistral = decoder("Mistral", num_key_value_heads=1)
+gpt_neox = decoder("GPTNeoX", dropouts=("attention_dropout", "hidden_dropout"))
+phi3 = decoder("Phi3", dropouts=("attention_dropout", "resid_pdrop"), num_key_value_heads=1,
+               embd_pdrop=0.0)
+gemma = decoder("Gemma", num_key_value_heads=1, head_dim=8)
+olmo = decoder("Olmo", num_key_value_heads=1)
+
+
 def hf_vit(dropout=0.0, layers=LAYERS):
     config = transformers.ViTConfig(
         image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=layers,
@@ -151,7 +178,17 @@ FAMILIES = {
     "llama": (llama, text_batch, hf_loss),
     "hf_vit": (hf_vit, image_batch, hf_loss),
     "timm_vit": (timm_vit, image_batch, timm_loss),
+    "qwen2": (qwen2, text_batch, hf_loss),
+    "mistral": (mistral, text_batch, hf_loss),
+    "gpt_neox": (gpt_neox, text_batch, hf_loss),
+    "phi3": (phi3, text_batch, hf_loss),
+    "gemma": (gemma, text_batch, hf_loss),
+    "olmo": (olmo, text_batch, hf_loss),
 }
+# Where each family keeps its blocks (found by make_layer_parallel without being told).
+BLOCK_PATHS = {"gpt2": "transformer.h", "llama": "model.layers", "hf_vit": "vit.layers",
+               "timm_vit": "blocks", "gpt_neox": "gpt_neox.layers",
+               **{f: "model.layers" for f in ("qwen2", "mistral", "phi3", "gemma", "olmo")}}
 
 
 def build(family, dropout=0.0, layers=LAYERS):
@@ -194,10 +231,14 @@ def report(request, **figures):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_step_one_in_serial_mode_is_the_untouched_model(family, request):
     original, batch, loss_fn = build(family)
-    wrapped = make_layer_parallel(copy.deepcopy(original), step_size=1.0,
-                                  mgrit=xbt.MGRITConfig(levels=2, cfactor=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")    # a checked family is found without a warning
+        wrapped = make_layer_parallel(copy.deepcopy(original), step_size=1.0,
+                                      mgrit=xbt.MGRITConfig(levels=2, cfactor=2))
     set_parallel(wrapped, False)
     assert len(wrapped_blocks(wrapped)) == 1 and not find_stacks(wrapped)[0].parallel
+    assert wrapped.get_submodule(BLOCK_PATHS[family]) is wrapped_blocks(wrapped)[0]
+    assert wrapped_blocks(wrapped)[0].family == family
     out, loss, grads = run(wrapped, batch, loss_fn)
     ref_out, ref_loss, ref_grads = run(original, batch, loss_fn)
     torch.testing.assert_close(out, ref_out)
@@ -259,6 +300,24 @@ def test_buffer_layers_and_keys_of_the_original_model():
                                other.transformer.h[1].mlp.c_fc.weight)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_restore_blocks_gives_back_the_original_keys(family):
+    """Wrapped and restored, the state dict has the untouched model's keys, in its order, with
+    its values; the parameters' names are the untouched model's again."""
+    original, _, _ = build(family)
+    wrapped = make_layer_parallel(copy.deepcopy(original), buffer_layers=(1, 1),
+                                  mgrit=xbt.MGRITConfig(levels=2, cfactor=2))
+    reference = original.state_dict()
+    assert list(wrapped.state_dict()) == list(reference)
+    restore_blocks(wrapped)
+    assert type(wrapped.get_submodule(BLOCK_PATHS[family])) is type(original.get_submodule(BLOCK_PATHS[family]))
+    restored = wrapped.state_dict()
+    assert list(restored) == list(reference)
+    for key, value in reference.items():
+        assert torch.equal(restored[key], value), key
+    assert [n for n, _ in wrapped.named_parameters()] == [n for n, _ in original.named_parameters()]
+
+
 # ---------------------------------------------------------------------- errors
 def test_a_cache_is_refused_in_layer_parallel_mode_and_works_in_serial_mode():
     original, batch, _ = build("llama")
@@ -299,8 +358,78 @@ def test_post_norm_stacks_are_refused():
         make_layer_parallel(torch_post_ln, blocks="layers")
 
 
+def opt(layers=4, **options):
+    config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=32,
+                                    num_hidden_layers=layers, num_attention_heads=2,
+                                    max_position_embeddings=32, word_embed_proj_dim=16, dropout=0.0,
+                                    pad_token_id=0, bos_token_id=0, eos_token_id=0, **options)
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(config).double()
+
+
+def test_opt_post_norm_is_refused_and_pre_norm_opt_is_found_unchecked():
+    """OPT's norm placement is a config option: post-norm (OPT-350m) is refused, found or
+    named (and BLOOM's residual from the normalised input likewise); pre-norm OPT (no
+    structural check) is found through _no_split_modules with a warning, and is the untouched
+    model at step 1 in serial mode."""
+    post = opt(do_layer_norm_before=False)
+    for blocks in (None, "model.decoder.layers"):
+        with pytest.raises(ValueError, match="OPTDecoderLayer has do_layer_norm_before=False: .*"
+                                             "not a forward-Euler step"):
+            make_layer_parallel(post, blocks=blocks)
+    assert not wrapped_blocks(post)
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=16, n_layer=4, n_head=2,
+        apply_residual_connection_post_layernorm=True))
+    with pytest.raises(ValueError, match="BloomBlock has apply_residual_connection_post_layernorm=True"):
+        make_layer_parallel(bloom)
+    pre = opt()
+    with pytest.warns(UserWarning, match="OPTDecoderLayer .*'model.decoder.layers'.* not a block "
+                                         "family xbraid_transformers has checked"):
+        wrapped = make_layer_parallel(copy.deepcopy(pre), step_size=1.0,
+                                      mgrit=xbt.MGRITConfig(levels=2, cfactor=2))
+    set_parallel(wrapped, False)
+    batch = text_batch()
+    out, loss, grads = run(wrapped, batch, hf_loss)
+    ref_out, ref_loss, ref_grads = run(pre, batch, hf_loss)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(loss, ref_loss)
+    assert_same_gradients(grads, ref_grads, original_name)
+
+
+def test_encoder_decoder_models_are_refused():
+    """T5 (pre-norm) keeps two stacks of T5Block: not one ODE. BART's post-norm is the first
+    reason given."""
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2))
+    with pytest.raises(ValueError, match=r"2 separate lists \('encoder.block' \(2 x T5Block\), "
+                                         r"'decoder.block' \(2 x T5Block\)\): it is an "
+                                         "encoder-decoder, whose blocks do not form one stack"):
+        make_layer_parallel(t5)
+    bart = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32))
+    with pytest.raises(ValueError, match="BartEncoderLayer is a post-norm block"):
+        make_layer_parallel(bart)
+    assert not wrapped_blocks(t5) and not wrapped_blocks(bart)
+
+
+def test_layers_called_with_their_own_arguments_are_refused():
+    """Sliding-window and full-attention layers get different masks; LayerDrop would drop the
+    whole stack."""
+    sliding = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        num_hidden_layers=4, num_key_value_heads=1, use_sliding_window=True, sliding_window=4,
+        max_window_layers=2, **DECODER_SIZE))
+    for blocks in (None, "model.layers"):
+        with pytest.raises(ValueError, match="config.layer_types: 2 x 'full_attention', 2 x "
+                                             "'sliding_attention'"):
+            make_layer_parallel(sliding, blocks=blocks)
+    with pytest.raises(ValueError, match=r"LayerDrop \(0.1\)"):
+        make_layer_parallel(opt(layerdrop=0.1))
+
+
 def test_unknown_models_and_paths_are_explained():
-    with pytest.raises(ValueError, match="found no block list of a supported family"):
+    with pytest.raises(ValueError, match="found no block list in Sequential: no nn.ModuleList"):
         make_layer_parallel(nn.Sequential(nn.Linear(2, 2)))
     original, _, _ = build("gpt2")
     with pytest.raises(ValueError, match="must name a non-empty nn.ModuleList"):
@@ -333,7 +462,7 @@ def test_round_trip_through_save_pretrained(family, tmp_path):
     with torch.no_grad():
         trained = loss_fn(model, batch)[0]
     restore_blocks(model)
-    assert type(model.get_submodule(wrapped_path(family))) is nn.ModuleList
+    assert type(model.get_submodule(BLOCK_PATHS[family])) is nn.ModuleList
     assert getattr(model.config, "use_cache", None) == getattr(type(model.config)(), "use_cache", None)
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path, dtype=torch.float64).eval()
@@ -345,10 +474,6 @@ def test_round_trip_through_save_pretrained(family, tmp_path):
     set_parallel(reloaded, False)
     with torch.no_grad():
         torch.testing.assert_close(loss_fn(reloaded, batch)[0], trained)
-
-
-def wrapped_path(family):
-    return {"gpt2": "transformer.h", "llama": "model.layers", "hf_vit": "vit.layers"}[family]
 
 
 def test_timm_round_trip_through_a_state_dict(tmp_path):

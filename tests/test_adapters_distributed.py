@@ -9,7 +9,7 @@ from test_adapters import CONVERGED, assert_same_gradients, build, run
 import xbraid_transformers as xbt
 from xbraid_transformers.adapters import make_layer_parallel, restore_blocks, set_parallel
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "qwen2")    # qwen2: found through its _no_split_modules
 MGRIT = dict(CONVERGED, fwd_iters=2, bwd_iters=1)     # not converged: the same iterates anyway
 
 

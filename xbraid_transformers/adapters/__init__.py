@@ -8,12 +8,23 @@
 
 The block list (``transformer.h``, ``model.layers``, ``vit.layers``, ``blocks``) becomes one
 ``LayerParallelBlocks`` module: x_{n+1} = x_n + h F_n(x_n) with F_n(x) = block_n(x) - x, solved
-by MGRIT or serially (``set_parallel``). See docs/adapters.md. transformers and timm are
-optional: nothing here imports them.
+by MGRIT or serially (``set_parallel``). ``AdaptiveCallback`` runs ``xbt.AdaptiveController``
+inside ``transformers.Trainer``. See docs/adapters.md. transformers and timm are optional:
+nothing here imports them until ``AdaptiveCallback`` is used.
 """
 from ._blocks import LayerParallelBlocks
 from ._registry import Family, post_norm_reason
-from ._wrap import FAMILIES, make_layer_parallel, restore_blocks, set_parallel, wrapped_blocks
+from ._locate import FAMILIES
+from ._wrap import make_layer_parallel, restore_blocks, set_parallel, wrapped_blocks
 
 __all__ = ["make_layer_parallel", "restore_blocks", "set_parallel", "wrapped_blocks",
-           "LayerParallelBlocks", "Family", "FAMILIES", "post_norm_reason"]
+           "LayerParallelBlocks", "Family", "FAMILIES", "post_norm_reason", "AdaptiveCallback"]
+
+
+def __getattr__(name: str):
+    """``AdaptiveCallback`` subclasses ``transformers.TrainerCallback``: imported on first use,
+    so that the package works without transformers."""
+    if name == "AdaptiveCallback":
+        from ._trainer_callback import AdaptiveCallback
+        return AdaptiveCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

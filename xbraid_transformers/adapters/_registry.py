@@ -1,15 +1,17 @@
 """Which block stacks ``make_layer_parallel`` knows, and which it refuses.
 
 A family names the classes of its blocks, where its models keep the block list (dotted paths,
-tried in order: they moved between library versions) and a structural check that a block is
-the pre-norm residual block the family is known to be. Every supported block computes
+tried in order: they moved between library versions; transformers models are found through
+their ``_no_split_modules`` first, see ``_locate``) and a structural check that a block is the
+pre-norm residual block the family is known to be. Every supported block computes
 ``x + F(x)`` with no normalisation after the residual sum, so it is a forward-Euler step of
 step 1 and ``F(x) = block(x) - x`` (see ``_blocks``). Families are recognised by the class of
 the blocks, not of the model, so ``GPT2Model``, ``GPT2LMHeadModel`` and user subclasses all
 work.
 
-Post-norm blocks (BERT and its relatives, ``nn.TransformerEncoderLayer(norm_first=False)``)
-compute ``LayerNorm(x + F(x))``: not ``x + h F(x)`` for any F, so they are refused.
+Post-norm blocks (BERT and its relatives, ``nn.TransformerEncoderLayer(norm_first=False)``,
+OPT with ``do_layer_norm_before=False``) compute ``LayerNorm(x + F(x))``: not ``x + h F(x)``
+for any F, so they are refused.
 """
 from __future__ import annotations
 
@@ -57,10 +59,23 @@ POST_NORM_BLOCKS = ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLaye
                     "BartDecoderLayer", "MarianEncoderLayer", "MarianDecoderLayer")
 
 
+# Blocks whose norm placement is an option of the model, as (attribute, post-norm value):
+# OPT's ``do_layer_norm_before`` (False in OPT-350m: LayerNorm after each residual sum) and
+# BLOOM's ``apply_residual_connection_post_layernorm`` (the residual is the normalised input).
+POST_NORM_FLAGS = (("do_layer_norm_before", False), ("apply_residual_connection_post_layernorm", True))
+
+
 def post_norm_reason(block: nn.Module) -> Optional[str]:
     """Why ``block`` cannot be an ODE step (None when it is not a known post-norm block)."""
     cls = type(block)
     name = cls.__name__
+    for flag, post_norm in POST_NORM_FLAGS:
+        if getattr(block, flag, None) is post_norm:
+            return (f"{name} has {flag}={post_norm}: its LayerNorm acts on the residual "
+                    "stream itself, not inside the residual branch (OPT: LayerNorm(x + F(x))), so "
+                    "a layer is not a forward-Euler step x + h F(x) and the stack is not an ODE "
+                    "that MGRIT can solve in depth. Layer-parallel training needs pre-norm "
+                    f"residual blocks: build the model with {flag}={not post_norm}")
     if isinstance(block, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
         try:
             check_pre_ln(block)

@@ -2,7 +2,6 @@
 stack in place, and back."""
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Tuple
 
 from torch import nn
@@ -10,13 +9,8 @@ from torch import nn
 from ..core.layer_parallel import find_stacks
 from ..mgrit.config import MGRITConfig
 from ._blocks import LayerParallelBlocks
-from ._gpt2 import GPT2
-from ._hf_vit import HF_VIT
-from ._llama import LLAMA
-from ._registry import Family, family_of, post_norm_reason
-from ._timm_vit import TIMM_VIT
+from ._locate import hf_config, locate_blocks
 
-FAMILIES: Tuple[Family, ...] = (GPT2, LLAMA, HF_VIT, TIMM_VIT)
 # The HF config entry that records how the blocks were run (saved with save_pretrained), so
 # that a checkpoint re-wrapped by make_layer_parallel is the network that was trained.
 CONFIG_KEY = "layer_parallel"
@@ -29,9 +23,13 @@ def make_layer_parallel(model: nn.Module, blocks: Optional[str] = None, *,
     """Replace the block list inside ``model`` by a layer-parallel ODE stack, in place.
 
     blocks: dotted path of the block list (``"transformer.h"``, ``"model.layers"``,
-    ``"vit.layers"``, ``"blocks"``); None finds it for the supported families (HF GPT-2,
-    Llama, ViT; timm VisionTransformer). A path to blocks of another family is accepted as a
-    residual stack x + F(x) with a warning; post-norm blocks (BERT, ...) are refused.
+    ``"vit.layers"``, ``"blocks"``); None finds it: for transformers models the one module
+    list of the blocks their ``_no_split_modules`` names, otherwise the known families' paths
+    (timm VisionTransformer). Blocks of a family without a structural check (see
+    ``FAMILIES``) are run as a residual stack x + F(x) with a warning. Refused, with the
+    reason: post-norm blocks (BERT, OPT with ``do_layer_norm_before=False``, ...), an
+    encoder-decoder's two stacks, per-layer attention masks (mixed ``config.layer_types``) and
+    LayerDrop.
     mgrit: the solver options (default ``MGRITConfig()``: 2 levels, cfactor 4, so the number of
     ODE blocks must be a multiple of 4). step_size: h of the ODE blocks. ``1.0`` in serial mode
     is exactly the original model; the default ``1 / (number of ODE blocks)`` is the neural-ODE
@@ -99,73 +97,3 @@ def set_parallel(model: nn.Module, parallel: bool = True) -> nn.Module:
 def wrapped_blocks(model: nn.Module) -> List[LayerParallelBlocks]:
     """The layer-parallel block lists inside ``model``."""
     return [m for m in model.modules() if isinstance(m, LayerParallelBlocks)]
-
-
-def hf_config(model: nn.Module):
-    """The model's transformers config (saved with it), or None."""
-    config = getattr(model, "config", None)
-    return config if hasattr(config, "to_json_string") else None
-
-
-# ---------------------------------------------------------------------- finding the blocks
-def is_block_list(module) -> bool:
-    return isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0
-
-
-def submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return None
-
-
-def locate_blocks(model: nn.Module, path: Optional[str]):
-    """(path, block list, family or None) of the stack to wrap; refuses post-norm stacks."""
-    if path is None:
-        for family in FAMILIES:
-            for candidate in family.block_paths:
-                container = submodule(model, candidate)
-                if is_block_list(container) and family.owns(container[0]):
-                    return checked(candidate, container, family)
-        refuse_post_norm(model)
-        known = "; ".join(f"{f.name}: {'/'.join(f.block_classes)} at {f.block_paths[0]!r}"
-                          for f in FAMILIES)
-        raise ValueError(
-            f"found no block list of a supported family in {type(model).__name__} ({known}). "
-            "For another stack of pre-norm residual blocks pass its dotted path as blocks=")
-    container = submodule(model, path)
-    if not is_block_list(container):
-        raise ValueError(f"blocks={path!r} must name a non-empty nn.ModuleList or nn.Sequential "
-                         f"of blocks inside {type(model).__name__}, found "
-                         f"{type(container).__name__ if container is not None else 'nothing'}")
-    family = family_of(container[0], FAMILIES)
-    if family is None:
-        reason = post_norm_reason(container[0])
-        if reason:
-            raise ValueError(f"blocks={path!r}: {reason}")
-        warnings.warn(
-            f"{type(container[0]).__name__} (at {path!r}) is not a block family "
-            "xbraid_transformers knows; it is run as a residual block x + F(x) with "
-            "F(x) = block(x) - x. That holds only if it has no normalisation after its residual "
-            "sum (pre-norm); a post-norm block is not an ODE step", stacklevel=3)
-    return checked(path, container, family)
-
-
-def checked(path: str, container: nn.Module, family: Optional[Family]):
-    for i, block in enumerate(container):
-        if family is not None:
-            family.check(block, f"{path}.{i}")
-        if type(block) is not type(container[0]):
-            raise ValueError(f"{path} mixes {type(container[0]).__name__} and "
-                             f"{type(block).__name__} (block {i}); every ODE step must be one "
-                             "kind of block")
-    return path, container, family
-
-
-def refuse_post_norm(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if is_block_list(module):
-            reason = post_norm_reason(module[0])
-            if reason:
-                raise ValueError(f"{type(model).__name__} cannot be made layer-parallel: the "
-                                 f"blocks at {name!r}: {reason}")
