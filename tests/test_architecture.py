@@ -13,8 +13,12 @@ PACKAGE = "xbraid_transformers"
 LAYERS = [
     ("solver", ("version", "mgrit")),
     ("core", ("core", "perf")),
-    ("features", ("nn", "distributed", "control", "multilevel", "models", "data", "diagnostics",
-                  "adapters")),
+    # the features, in three floors: what everything may use (data, processes), what trains a
+    # stack (drop-in modules, the controller, multilevel training, diagnostics), and what builds
+    # whole models from them (our models, other libraries' models)
+    ("features: data and processes", ("data", "distributed")),
+    ("features: training", ("nn", "control", "multilevel", "diagnostics")),
+    ("features: models", ("models", "adapters")),
     ("app", ("app", "cli", "demo")),
     ("facade", ("",)),           # the package __init__: re-exports only
 ]
@@ -50,8 +54,27 @@ def resolve(module: str, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
+def _dynamic_import(module: str, node: ast.Call):
+    """The module named by ``importlib.import_module("...")`` or ``__import__("...")`` with a
+    constant name (relative names against ``module``'s package), else None."""
+    func = ast.unparse(node.func)
+    if func not in ("importlib.import_module", "import_module", "__import__") or not node.args:
+        return None
+    name = node.args[0]
+    if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+        return None
+    name = name.value
+    if name.startswith("."):
+        level = len(name) - len(name.lstrip("."))
+        package = module if MODULES[module].name == "__init__.py" else module.rsplit(".", 1)[0]
+        base = package.split(".")[: len(package.split(".")) - level + 1]
+        name = ".".join(base + [name.lstrip(".")] if name.lstrip(".") else base)
+    return name
+
+
 def imports(module: str):
-    """(target module, line) of every import of the package by ``module``, lazy ones too."""
+    """(target module, line) of every import of the package by ``module``, lazy and dynamic
+    ones (``importlib.import_module``, ``__import__``) too."""
     for node in ast.walk(TREES[module]):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -59,6 +82,8 @@ def imports(module: str):
             base = resolve(module, node)
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
                        for a in node.names]
+        elif isinstance(node, ast.Call) and _dynamic_import(module, node):
+            targets = [_dynamic_import(module, node)]
         else:
             continue
         for target in targets:
@@ -121,9 +146,24 @@ def _defined_private_names(tree: ast.AST) -> set:
 DEFINED = {m: _defined_private_names(tree) for m, tree in TREES.items()}
 
 
+def _attribute_reads(tree: ast.AST):
+    """(line, object expression, name) of every attribute read: ``obj.name`` and the
+    constant-name ``getattr``/``hasattr``/``setattr``/``delattr(obj, "name")``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            yield node.lineno, node.value, node.attr
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+            yield node.lineno, node.args[0], node.args[1].value
+
+
 def private_access(module: str):
-    """Private names of other modules of the package that ``module`` imports or reads."""
-    tree, own = TREES[module], DEFINED[module]
+    """Private names of other modules of the package that ``module`` imports or reads. A read
+    of a private name that another module defines counts even when ``module`` defines the same
+    name too (the object read may be the other module's); reads through ``self``/``cls`` are a
+    class's own."""
+    tree = TREES[module]
     others = set().union(*(names for m, names in DEFINED.items() if m != module))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
@@ -132,10 +172,10 @@ def private_access(module: str):
                 for alias in node.names:
                     if _private(alias.name):
                         yield f"{module}:{node.lineno} imports {base}.{alias.name}"
-        elif isinstance(node, ast.Attribute) and _private(node.attr):
-            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
-            if not on_self and node.attr in others and node.attr not in own:
-                yield f"{module}:{node.lineno} reads .{node.attr}"
+    for line, obj, name in _attribute_reads(tree):
+        on_self = isinstance(obj, ast.Name) and obj.id in ("self", "cls")
+        if _private(name) and not on_self and name in others:
+            yield f"{module}:{line} reads .{name}"
 
 
 def test_no_module_touches_another_modules_private_names():
@@ -143,19 +183,34 @@ def test_no_module_touches_another_modules_private_names():
     assert not found, "cross-module private access:\n" + "\n".join(found)
 
 
-def test_the_scans_see_a_violation():
-    """The checks themselves can fail: a made-up module that imports upward and reads a private
-    attribute of another module is caught by both."""
-    source = ("from ..app.trainer import Trainer\n"
-              "from ..core.layer_parallel import LayerParallel\n"
-              "def f(stack):\n    return stack._parallel\n")
-    module = f"{PACKAGE}.mgrit.made_up"
-    MODULES[module] = ROOT / "mgrit" / "made_up.py"
+VIOLATIONS = {
+    # a features module importing from a higher floor of the features
+    "data": ("from ..control import AdaptiveController\n", "imports up", "control"),
+    # a private name read through getattr
+    "mgrit": ("def f(stack):\n    return getattr(stack, '_parallel')\n", "reads ._parallel", None),
+    # an upward import by importlib
+    "core": ("import importlib\nTrainer = importlib.import_module('xbraid_transformers.app.trainer')\n",
+             "imports up", "app.trainer"),
+    # another module's private name, read by a module that defines the same name
+    "distributed": ("class Mine:\n    def __init__(self):\n        self._parallel = 1\n"
+                    "def f(stack):\n    return stack._parallel\n", "reads ._parallel", None),
+}
+
+
+@pytest.mark.parametrize("package", sorted(VIOLATIONS))
+def test_the_scans_see_each_kind_of_violation(package):
+    """The checks themselves can fail: each made-up module below breaks one rule, and the
+    scans catch it."""
+    source, kind, target = VIOLATIONS[package]
+    module = f"{PACKAGE}.{package}.made_up"
+    MODULES[module] = ROOT / package / "made_up.py"
     TREES[module] = ast.parse(source)
-    DEFINED[module] = set()
+    DEFINED[module] = _defined_private_names(TREES[module])
     try:
-        assert list(private_access(module)) == [f"{module}:4 reads ._parallel"]
-        upward = [t for t, _ in imports(module) if RANK[layer_of(t)] > RANK[layer_of(module)]]
-        assert upward == [f"{PACKAGE}.app.trainer", f"{PACKAGE}.core.layer_parallel"]
+        if kind == "imports up":
+            upward = [t for t, _ in imports(module) if RANK[layer_of(t)] > RANK[layer_of(module)]]
+            assert upward == [f"{PACKAGE}.{target}"]
+        else:
+            assert [line.split(" ", 1)[1] for line in private_access(module)] == [kind]
     finally:
         del MODULES[module], TREES[module], DEFINED[module]

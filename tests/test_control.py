@@ -18,7 +18,7 @@ def _probe(ctl, module, fwd, bwd, norm=1.0):
     probe's hooks record) are ``norm``, scaled by sqrt(#C-points) = sqrt(2) here."""
     probe = ctl.before_step()
     if probe:
-        ctl._norms = {0: {"forward": torch.tensor(norm), "backward": torch.tensor(norm)}}
+        ctl._probe._norms = {0: {"forward": torch.tensor(norm), "backward": torch.tensor(norm)}}
         module.stats = SolveStats(fwd_iters=len(fwd) + 1, bwd_iters=len(bwd) + 1,
                                   fwd_residuals=list(fwd), bwd_residuals=list(bwd))
     return ctl.after_step()

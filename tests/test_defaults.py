@@ -2,7 +2,7 @@
 import dataclasses
 from pathlib import Path
 
-from xbraid_transformers.app.cli import build_parser, make_configs, resolve
+from xbraid_transformers.app.cli import build_parser, make_configs, option_values
 from xbraid_transformers.app.defaults import DEFAULTS, default_mgrit, markdown_table
 from xbraid_transformers.app.tasks import TASKS, TaskConfig
 from xbraid_transformers.app.trainer import TrainConfig
@@ -29,7 +29,7 @@ def test_configs_default_to_the_table():
 
 def test_the_command_line_defaults_are_the_table_where_a_task_sets_nothing():
     args = build_parser().parse_args(["train", "--task", "synthetic"])
-    values = resolve(args)
+    values = option_values(args)
     assert args.mode == DEFAULTS["mode"]
     own = set(TASKS["synthetic"].defaults)
     assert all(values[k] == v for k, v in TASKS["synthetic"].defaults.items())
@@ -43,7 +43,7 @@ def test_the_command_line_defaults_are_the_table_where_a_task_sets_nothing():
 def test_the_gradient_trigger_is_chosen_on_the_command_line():
     args = build_parser().parse_args(["train", "--task", "synthetic", "--trigger", "gradient",
                                       "--grad-threshold", "0.3"])
-    _, train_cfg = make_configs(resolve(args), "synthetic", args.mode, None)
+    _, train_cfg = make_configs(option_values(args), "synthetic", args.mode, None)
     assert (train_cfg.control.trigger, train_cfg.control.grad_threshold) == ("gradient", 0.3)
 
 
@@ -57,7 +57,7 @@ def test_every_task_trains_with_the_time_to_quality_study_s_default_policy():
         for quick in (False, True):
             args = build_parser().parse_args(["compare" if quick else "train", "--task", task]
                                              + (["--quick"] if quick else []))
-            values = resolve(args, quick=quick)
+            values = option_values(args, quick=quick)
             mgrit = default_mgrit(values)
             assert (mgrit.levels, mgrit.cfactor, mgrit.relax, mgrit.fwd_iters, mgrit.bwd_iters) == \
                 (2, 4, "F", 2, 1), (task, quick)

@@ -13,7 +13,7 @@ from torch import nn
 import xbraid_transformers as xbt
 from xbraid_transformers.app.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from xbraid_transformers.app.cli import main
-from xbraid_transformers.app.runs import read_run
+from xbraid_transformers.app.rundir import read_run
 from xbraid_transformers.app.tasks import TaskConfig, build_task
 from xbraid_transformers.app.trainer import TrainConfig, Trainer, seed_everything
 from xbraid_transformers.mgrit.comm_backends import default_timeout
@@ -115,7 +115,8 @@ def test_resume_with_another_learning_rate_uses_it_and_says_so(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         resumed = _trainer(steps=4, lr=1e-3, warmup=0, min_lr_ratio=1.0, out_dir=str(tmp_path),
                            resume="auto")
-    assert "lr 0.001" in caplog.text and "trained with lr 0.01" in caplog.text
+    assert "--lr 0.001 (was 0.01)" in caplog.text
+    assert "learning rate at step 2 is 0.001 (it was 0.01)" in caplog.text
     resumed.fit()
     assert [r["lr"] for r in resumed.history] == [1e-3, 1e-3]  # constant schedule: the new peak
 
@@ -184,7 +185,7 @@ def test_a_bad_xbt_timeout_names_the_variable(monkeypatch, capsys):
 
 @pytest.mark.parametrize("options, message", [
     (["--d-model", "30", "--heads", "4"], "multiple of --heads 4"),
-    (["--nprocs", "16"], "16 ranks but only 2 coarsest-level intervals"),
+    (["--nprocs", "16"], "16 ranks but only 8 layers"),
     (["--data-path", "mine.txt"], "does not read a data file"),
 ])
 def test_impossible_options_are_argparse_errors_before_any_process_starts(

@@ -44,7 +44,7 @@ def _children(parent, marker):
     return found
 
 
-def _wait_for(condition, seconds, what):
+def wait_for(condition, seconds, what):
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
@@ -79,14 +79,14 @@ def test_sigterm_to_xbt_train_stops_its_workers_and_exits_non_zero(tmp_path):
     metrics = out / "metrics.jsonl"
     pids = []
     try:
-        _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0 or parent.poll() is not None,
+        wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0 or parent.poll() is not None,
                   60, "the workers did not start training")
         assert parent.poll() is None, parent.communicate()
         pids = _children(parent.pid, "spawn_main")
         assert len(pids) == 2
         parent.send_signal(signal.SIGTERM)
         code = parent.wait(30)
-        _wait_for(lambda: not any(map(_alive, pids)), 10, "the workers outlived their parent")
+        wait_for(lambda: not any(map(_alive, pids)), 10, "the workers outlived their parent")
         assert code == 128 + signal.SIGTERM, parent.communicate()
         assert "SIGTERM" in parent.communicate()[1]
         size = metrics.stat().st_size
@@ -106,13 +106,13 @@ def test_spawned_workers_die_with_their_parent(tmp_path, signum):
     pids = []
     try:
         files = [tmp_path / f"worker-{r}.pid" for r in (0, 1)]
-        _wait_for(lambda: all(f.exists() for f in files) or parent.poll() is not None, 60,
+        wait_for(lambda: all(f.exists() for f in files) or parent.poll() is not None, 60,
                   "the workers did not start")
         assert parent.poll() is None, parent.communicate()
         pids = [int(f.read_text()) for f in files]
         parent.send_signal(signum)
         code = parent.wait(30)
-        _wait_for(lambda: not any(map(_alive, pids)), 10, "the workers outlived their parent")
+        wait_for(lambda: not any(map(_alive, pids)), 10, "the workers outlived their parent")
         assert code != 0
     finally:
         _end_all([parent.pid] + pids)

@@ -1,4 +1,5 @@
 """The trainer: a run where the controller really switches, resume, schedule, metrics."""
+import contextlib
 import copy
 import dataclasses
 import json
@@ -10,8 +11,11 @@ import torch
 
 from xbraid_transformers.app.checkpoint import load_checkpoint, save_checkpoint
 from xbraid_transformers.app.tasks import TaskConfig, build_task
-from xbraid_transformers.app.trainer import TrainConfig, Trainer, lr_factor, seed_everything
+from xbraid_transformers.app.optim import lr_factor
+from xbraid_transformers.app.steps import StepHooks
+from xbraid_transformers.app.trainer import TrainConfig, Trainer, seed_everything
 from xbraid_transformers.control import ControlConfig
+from xbraid_transformers.core.layer_parallel import find_stacks
 from xbraid_transformers.mgrit.config import MGRITConfig
 from xbraid_transformers.multilevel import MultilevelConfig
 
@@ -231,3 +235,42 @@ def test_multilevel_options_are_validated():
     with pytest.raises(ValueError, match="cannot be coarsened"):   # 6 layers, stride 4
         Trainer(build_task(_synthetic(layers=6, mgrit=MGRITConfig(levels=1))),
                 TrainConfig(mode="serial", steps=10, multilevel=MultilevelConfig(coarse_steps=1)))
+
+
+def test_a_step_hook_of_your_own_plugs_into_the_trainer():
+    """The step protocol (app/steps.py): a schedule that raises the forward iterations from
+    step 2 on, written as a hook, is called in the protocol's order and changes the solves (the
+    records' iteration counts come from the solver's statistics, not from the hook)."""
+    calls = []
+
+    class RaiseIterations(StepHooks):
+        def __init__(self, model):
+            self.stacks = find_stacks(model)
+
+        def scope(self, step):
+            calls.append(("scope", step))
+            if step == 2:
+                for stack in self.stacks:
+                    stack.configure(fwd_iters=3)
+            return contextlib.nullcontext()
+
+        def after_backward(self):
+            calls.append("after_backward")
+            return False
+
+        def before_update(self):
+            calls.append("before_update")
+
+        def after_update(self):
+            calls.append("after_update")
+            return {"raised": self.stacks[0].mgrit.fwd_iters > 1}
+
+    seed_everything(0)
+    task = build_task(_synthetic())
+    trainer = Trainer(task, TrainConfig(mode="parallel", steps=4, print_every=100),
+                      hooks=[RaiseIterations(task.model)])
+    trainer.fit()
+    assert calls == [c for step in range(4) for c in (("scope", step), "after_backward",
+                                                        "before_update", "after_update")]
+    assert [r["fwd_iters"] for r in trainer.history] == [1, 1, 3, 3]
+    assert [r["raised"] for r in trainer.history] == [False, False, True, True]

@@ -1,4 +1,4 @@
-"""Per-layer Lipschitz estimates (docs/algorithm.md, "Lipschitz constants and buffer layers").
+"""Per-layer Lipschitz estimates (docs/algorithm.md, "Layers as time steps": why buffer layers exist).
 
 The local Lipschitz constant of a layer at a state x is the spectral norm of its Jacobian,
 estimated by power iteration on J^T J: each iteration is one Jacobian-vector product

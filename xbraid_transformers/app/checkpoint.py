@@ -33,6 +33,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not a checkpoint of this package."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file size limit, a directory in its
+    place); the previous checkpoint at the path is intact."""
+
+
 def save_checkpoint(path: str, state: Dict[str, Any]) -> str:
     """Write ``state`` (plus format and version tags) to ``path`` atomically; returns the path."""
     path = os.fspath(path)
@@ -48,9 +53,14 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> str:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(error, (OSError, RuntimeError)):   # torch's zip writer raises RuntimeError
+            cause = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1]
+            raise CheckpointWriteError(getattr(error, "errno", None) or 0,
+                                       f"could not write the checkpoint ({cause}); the previous "
+                                       f"checkpoint there, if any, is intact", path) from error
         raise
     _remove_stale_temporaries(path)
     return path
@@ -115,6 +125,8 @@ def _feed(digest, value: Any) -> None:
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:

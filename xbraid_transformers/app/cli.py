@@ -14,106 +14,32 @@ processes (``--emulate``: P ranks as threads of this process with virtual clocks
 ``torchrun`` or ``mpiexec`` the command runs unchanged on the launcher's ranks.
 
 A run refuses an ``--out`` that already holds a run unless given ``--resume`` (continue it) or
-``--overwrite`` (start again). A diverged run exits with status 1 and keeps its last good
-checkpoint; SIGTERM or SIGHUP stops the spawned processes and exits with 128 + the signal.
+``--overwrite`` (start again), and an ``--out`` another live run holds (``rundir.RunLock``). A
+diverged run exits with status 1 and keeps its last good checkpoint. Ctrl-C exits with 130 and
+one line saying where the last checkpoint is; SIGTERM or SIGHUP to a ``--nprocs`` run stops its
+spawned processes and exits with 128 + the signal, with the same line. Errors a user can act on
+are one line, also when a spawned rank raised them; errors that are bugs keep the root cause's
+traceback.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from typing import List, Optional
 
-from ..control import ACTIONS, TRIGGERS
-from ..multilevel import COARSE_GRADIENTS, CYCLES, OPTIMIZER_STATES, PROLONGATIONS
 from .defaults import DEFAULTS
-from .tasks import TASKS, TaskConfig, TaskUnavailable
+from .failures import actionable, interrupted, report
+from .options import (MULTILEVEL_OPTIONS, add_compare_options, add_reproduce_options,
+                      add_train_options)
+from .rundir import CHECKPOINT, METRICS, RUN_FILES, SUMMARY, RunDirectoryInUse, RunLock
 from .runs import make_configs, run_emulated, run_spawned, run_training
-from .trainer import MODES, OPTIMIZERS, ResumeError, TrainConfig
-
-
-def _number(kind, lowest, strict: bool, what: str, below=None):
-    """An argparse type: ``kind(text)`` above ``lowest`` (``strict``) or at least ``lowest``,
-    and under ``below`` when given."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        if not (value > lowest if strict else value >= lowest):   # also rejects nan
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        if below is not None and not value < below:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-    return parse
-
-
-_positive_int = _number(int, 0, True, "a positive integer")
-_nonneg_int = _number(int, 0, False, "an integer >= 0")
-_positive_float = _number(float, 0.0, True, "a positive number")
-_positive_finite = _number(float, 0.0, True, "a finite positive number", below=float("inf"))
-_nonneg_float = _number(float, 0.0, False, "a number >= 0")
-_fraction = _number(float, 0.0, False, "a number in [0, 1)", below=1.0)
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("task and model")
-    g.add_argument("--task", required=True, choices=sorted(TASKS), help="what to train")
-    g.add_argument("--layers", type=_positive_int, help="transformer layers (ODE steps)")
-    g.add_argument("--d-model", type=_positive_int)
-    g.add_argument("--heads", type=_positive_int)
-    g.add_argument("--seq-len", type=_positive_int)
-    g.add_argument("--batch-size", type=_positive_int)
-    g.add_argument("--vocab", type=_positive_int, help="vocabulary of the synthetic task")
-    g.add_argument("--dropout", type=_nonneg_float)
-    g.add_argument("--step-size", type=_positive_float, help="ODE step h (default 1/layers)")
-    g.add_argument("--tokenizer", choices=("char", "bpe"))
-    g.add_argument("--data-path", help="your own data file instead of the packaged source")
-    g = p.add_argument_group("MGRIT")
-    g.add_argument("--levels", type=_positive_int)
-    g.add_argument("--cfactor", type=_positive_int)
-    g.add_argument("--relax", choices=("F", "FCF", "FCFCF"))
-    g.add_argument("--fwd-iters", type=_positive_int)
-    g.add_argument("--bwd-iters", type=_positive_int)
-    g = p.add_argument_group("training")
-    g.add_argument("--steps", type=_positive_int)
-    g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help="adamw (default) or sgd")
-    g.add_argument("--momentum", type=_fraction, help="SGD's momentum (0.9)")
-    g.add_argument("--lr", type=_positive_finite, help="peak learning rate")
-    g.add_argument("--warmup", type=_nonneg_int)
-    g.add_argument("--min-lr-ratio", type=_nonneg_float)
-    g.add_argument("--weight-decay", type=_nonneg_float)
-    g.add_argument("--grad-accum", type=_positive_int)
-    g.add_argument("--clip", type=_nonneg_float, help="max gradient norm (0: off)")
-    g.add_argument("--eval-every", type=_nonneg_int)
-    g.add_argument("--eval-batches", type=_positive_int)
-    g.add_argument("--log-every", type=_positive_int)
-    g.add_argument("--print-every", type=_positive_int)
-    g.add_argument("--checkpoint-every", type=_nonneg_int)
-    g.add_argument("--seed", type=_nonneg_int)
-    g.add_argument("--nprocs", type=_positive_int, default=1,
-                   help="spawn this many gloo worker processes (layer-parallel ranks)")
-    g.add_argument("--emulate", action="store_true",
-                   help="run the --nprocs ranks as threads of this process, one computing at a "
-                        "time, each with a virtual clock (the time a run would take with a core "
-                        "or GPU per rank; wall time grows with the ranks)")
-    g.add_argument("--threads", type=_positive_int, default=1,
-                   help="torch threads per process (default 1: one core per rank)")
-    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm bar (default: when attached to a terminal)")
-    g = p.add_argument_group("adaptive control")
-    g.add_argument("--probe-every", type=_positive_int)
-    g.add_argument("--trigger", choices=TRIGGERS,
-                   help="rho: act when rho > --threshold; gradient: when the probe's estimate of the "
-                        "gradient's relative error > --grad-threshold (docs/algorithm.md)")
-    g.add_argument("--threshold", type=_positive_float)
-    g.add_argument("--grad-threshold", type=_positive_float)
-    g.add_argument("--action", choices=[a for a in ACTIONS if a != "monitor"])
-    g.add_argument("--max-iters", type=_positive_int)
-    g.add_argument("--floor", type=_nonneg_float)
+from .tasks import TASKS, TaskConfig
+from .trainer import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,49 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:8]))
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,compare,reproduce,info}")
-    p = sub.add_parser("train", help="train one model")
-    _add_run_options(p)
-    p.add_argument("--mode", choices=MODES, default=DEFAULTS["mode"])
-    g = p.add_argument_group("multilevel training in depth (serial or parallel mode)")
-    g.add_argument("--schedule", choices=("single", "multilevel"),
-                   help="multilevel: train coarse views (every 2nd, 4th, ... layer) as well")
-    g.add_argument("--cycle", choices=CYCLES, help="nested (coarse to fine, once) or v (repeated "
-                                                   "even, odd, fine phases); default nested")
-    g.add_argument("--coarse-steps", type=_positive_int, help="steps of each coarse phase (25)")
-    g.add_argument("--fine-steps", type=_positive_int, help="fine steps per V-cycle (25)")
-    g.add_argument("--ml-levels", type=_positive_int, help="nested: levels, N/2^(L-1) first (3)")
-    g.add_argument("--prolongation", choices=PROLONGATIONS,
-                   help="nested: how skipped layers are filled (copy)")
-    g.add_argument("--optimizer-state", choices=OPTIMIZER_STATES,
-                   help="at a phase change (keep; transfer: filled layers copy their source's)")
-    g.add_argument("--coarse-gradients", choices=COARSE_GRADIENTS,
-                   help="scaled: a view of stride s divides its layers' gradients by s, so the "
-                        "learning rate means the same on every level (default); raw: autograd's")
-    g.add_argument("--mgopt", action="store_true", default=None,
-                   help="MG/OPT first-order correction of the coarse gradients")
-    g.add_argument("--line-search", action="store_true", default=None,
-                   help="with --mgopt: MG/OPT's line search on the fine loss after each coarse phase")
-    p.add_argument("--out", help="output directory (default runs/<task>-<mode>)")
-    p.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (default: <out>/checkpoint.pt)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (its metrics, summary and checkpoint)")
-    p = sub.add_parser("compare", help="serial vs layer-parallel vs adaptive, with a report")
-    _add_run_options(p)
-    p.add_argument("--quick", action="store_true", help="a small configuration (minutes on 2 cores)")
-    p.add_argument("--out", help="output directory (default runs/compare-<task>)")
-    p = sub.add_parser("reproduce", help="the papers' claims at small scale, with verdicts")
-    p.add_argument("--quick", action="store_true", help="small sizes (about 30 minutes on 2 cores)")
-    p.add_argument("--micro", action="store_true", help=argparse.SUPPRESS)   # the test suite's size
-    p.add_argument("--only", nargs="+", metavar="NAME", help="run these experiments only")
-    p.add_argument("--out", default=os.path.join("runs", "reproduce"), help="output directory")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads")
+    add_train_options(sub.add_parser("train", help="train one model"))
+    add_compare_options(sub.add_parser("compare", help="serial vs layer-parallel vs adaptive, with a report"))
+    add_reproduce_options(sub.add_parser("reproduce", help="the papers' claims at small scale, with verdicts"))
     sub.add_parser("info", help="versions, distributed backends and data sources")
     return parser
 
 
 # ---------------------------------------------------------------------------- configs
-def resolve(args: argparse.Namespace, quick: bool = False) -> dict:
+def option_values(args: argparse.Namespace, quick: bool = False) -> dict:
     """Option values: command line, else the task's (quick) defaults, else ``DEFAULTS``."""
     spec = TASKS[args.task]
     values = {**DEFAULTS, **spec.defaults, **(spec.quick if quick else {})}
@@ -207,6 +99,26 @@ class Runner:
         if self.is_main:
             print(text, flush=True)
 
+    @contextlib.contextmanager
+    def holding(self, out: str):
+        """Hold ``out`` for this run (:class:`RunLock`, taken by the main process); every rank
+        stops when another run has it."""
+        lock, busy = RunLock(out), None
+        if self.is_main:
+            try:
+                lock.acquire()
+            except RunDirectoryInUse as error:
+                busy = error
+        if self.comm is not None and self.comm.size > 1:
+            if self.comm.allreduce_sum(float(busy is not None)) and busy is None:
+                busy = RunDirectoryInUse(f"{out} is in use by another run (see rank 0's message)")
+        if busy is not None:
+            raise busy
+        try:
+            yield
+        finally:
+            lock.release()
+
     def train(self, task_cfg: TaskConfig, train_cfg: TrainConfig) -> Optional[dict]:
         """The summary of one run (with its history) on the main process, None elsewhere."""
         if self.emulated:
@@ -217,29 +129,33 @@ class Runner:
 
 
 def cmd_train(args, parser) -> int:
-    values = resolve(args)
+    values = option_values(args)
     out = args.out or os.path.join("runs", f"{args.task}-{args.mode}")
-    if args.resume == "auto" and not os.path.isfile(os.path.join(out, "checkpoint.pt")):
-        parser.error(f"--resume: no checkpoint at {os.path.join(out, 'checkpoint.pt')}")
+    checkpoint = os.path.join(out, CHECKPOINT)
+    if os.path.isdir(checkpoint):
+        parser.error(f"{checkpoint} is a directory, not a checkpoint file: move it away")
+    if args.resume == "auto" and not os.path.isfile(checkpoint):
+        parser.error(f"--resume: no checkpoint at {checkpoint}"
+                     + (" (the run in --out stopped before it wrote one): start it again with "
+                        "--overwrite" if os.path.exists(os.path.join(out, METRICS)) else ""))
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --out and --overwrite replaces it: give one")
-    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
-    if existing and not args.resume and not args.overwrite:
-        parser.error(f"--out {out} already holds a run ({', '.join(existing)}): continue it with "
-                     f"--resume, replace it with --overwrite, or choose another --out")
+    if not args.resume and not args.overwrite:
+        _refuse_existing_run(parser, out)
     task_cfg, train_cfg = _configs_or_error(parser, args, values, args.mode, out, args.resume,
                                             args.progress, args.tensorboard)
     runner = Runner(args.nprocs, args.threads, parser, args.emulate)
-    if args.overwrite and runner.is_main:
-        _fresh(out)
-    summary = runner.train(task_cfg, train_cfg)
+    args.run_dirs = [out]           # where an interrupted run's checkpoint is
+    with runner.holding(out):
+        if args.overwrite and runner.is_main:
+            _remove_run_files(out)
+        summary = runner.train(task_cfg, train_cfg)
     if summary is not None:
         runner.say(f"{args.mode}: {summary['steps']} steps, final loss {summary['final_loss']}, "
                    f"eval loss {summary['final_eval_loss']}, switch batch {summary['switch_step']}"
                    + (f", DIVERGED {summary['diverged']}" if summary["diverged"] else ""))
-        runner.say(f"metrics: {out}/metrics.jsonl  summary: {out}/summary.json")
+        runner.say(f"metrics: {out}/{METRICS}  summary: {out}/{SUMMARY}")
         if summary["diverged"]:
-            checkpoint = os.path.join(out, "checkpoint.pt")
             kept = (f"the last good checkpoint is kept: {checkpoint} (resume from it with a "
                     f"smaller --lr)" if os.path.exists(checkpoint) else "no checkpoint was written")
             print(f"xbt train: error: training diverged at {summary['diverged']}; {kept}",
@@ -248,17 +164,46 @@ def cmd_train(args, parser) -> int:
     return 0
 
 
+def _refuse_existing_run(parser, out: str) -> None:
+    """An ``--out`` that holds a run is not silently replaced; the hint offers ``--resume``
+    only when there is a checkpoint to resume from."""
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if existing:
+        resume = ("continue it with --resume, " if CHECKPOINT in existing
+                  else "it has no checkpoint to resume from; ")
+        parser.error(f"--out {out} already holds a run ({', '.join(existing)}): {resume}replace it "
+                     f"with --overwrite, or choose another --out")
+
+
+def _check_unused_options(parser, args, values) -> None:
+    """Options that the run would ignore are errors, not silently dropped."""
+    if values.get("schedule") != "multilevel":
+        given = [option for option in MULTILEVEL_OPTIONS if getattr(args, option, None) is not None]
+        if given:
+            parser.error(f"{', '.join('--' + o.replace('_', '-') for o in given)}: "
+                         f"{'applies' if len(given) == 1 else 'apply'} to multilevel training "
+                         f"only; add --schedule multilevel")
+    if args.tokenizer is not None and not TASKS[args.task].reads_tokenizer:
+        readers = ", ".join(name for name, spec in TASKS.items() if spec.reads_tokenizer)
+        parser.error(f"--tokenizer: the {args.task} task has its own tokenization; the tasks "
+                     f"that take --tokenizer: {readers}")
+
+
 def _configs_or_error(parser, args, values, mode, out, *options, **keywords):
     """``make_configs``, with every check that can be made before a process is started (the
     timeout variable, the task's options, the ranks the layers can be split over) turned into
     an argparse error."""
     from ..core.ownership import partition_layers
     from ..mgrit.comm_backends import default_timeout
-    from .tasks import check_task_options
+    from .tasks import check_memory, check_task_options
+    _check_unused_options(parser, args, values)
     try:
         default_timeout()                      # XBT_TIMEOUT, read by every rank
         task_cfg, train_cfg = make_configs(values, args.task, mode, out, *options, **keywords)
         check_task_options(task_cfg)
+        check_memory(task_cfg)
+        if train_cfg.tensorboard:
+            _require_tensorboard()
         if args.nprocs > 1:
             partition_layers(values["layers"], task_cfg.mgrit.coarsest_spacing, args.nprocs)
     except ValueError as error:
@@ -268,21 +213,28 @@ def _configs_or_error(parser, args, values, mode, out, *options, **keywords):
 
 def cmd_compare(args, parser) -> int:
     from .report import write_report
-    values = resolve(args, quick=args.quick)
+    values = option_values(args, quick=args.quick)
     if args.eval_every is None and not values["eval_every"]:
         # about 40 evaluations per run, so that the evaluation grid does not decide the time to target
         values["eval_every"] = max(1, values["steps"] // 40)
     out = args.out or os.path.join("runs", f"compare-{args.task}")
+    modes = ("serial", "parallel", "adaptive")
+    if not args.overwrite:
+        for mode in modes:
+            _refuse_existing_run(parser, os.path.join(out, mode))
+    configs = {mode: _configs_or_error(parser, args, values, mode, os.path.join(out, mode),
+                                       progress=args.progress, monitor=(mode == "parallel"))
+               for mode in modes}
     runs = {}
     start = time.perf_counter()
     runner = Runner(args.nprocs, args.threads, parser, args.emulate)
-    for mode in ("serial", "parallel", "adaptive"):
-        task_cfg, train_cfg = _configs_or_error(parser, args, values, mode, os.path.join(out, mode),
-                                                progress=args.progress, monitor=(mode == "parallel"))
-        if runner.is_main:
-            _fresh(train_cfg.out_dir)
-        runner.say(f"[{mode}] training {values['steps']} steps ...")
-        runs[mode] = runner.train(task_cfg, train_cfg)
+    args.run_dirs = [os.path.join(out, mode) for mode in modes]
+    with runner.holding(out):
+        for mode, (task_cfg, train_cfg) in configs.items():
+            if runner.is_main:
+                _remove_run_files(train_cfg.out_dir)
+            runner.say(f"[{mode}] training {values['steps']} steps ...")
+            runs[mode] = runner.train(task_cfg, train_cfg)
     if not runner.is_main:
         return 0
     nprocs = runner.comm.size if runner.comm is not None else args.nprocs
@@ -331,10 +283,7 @@ def cmd_reproduce(args, parser) -> int:
     return 0
 
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt")
-
-
-def _fresh(out_dir: str) -> None:
+def _remove_run_files(out_dir: str) -> None:
     """Start a run anew (compare, --overwrite): drop an old run's metrics and checkpoint."""
     for name in RUN_FILES:
         path = os.path.join(out_dir, name)
@@ -389,25 +338,44 @@ def cmd_info(args, parser) -> int:
     return 0
 
 
+def _require_tensorboard() -> None:
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    if argv is None and hasattr(signal, "SIGPIPE"):
+        # as a shell command (``xbt train ... | head``): a closed pipe ends the command quietly,
+        # as it ends other Unix tools, instead of one logging error per line
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     command = {"train": cmd_train, "compare": cmd_compare, "reproduce": cmd_reproduce,
                "info": cmd_info}[args.command]
     from ..distributed import SpawnError, SpawnInterrupted
-    from .checkpoint import CheckpointError
     try:
         return command(args, parser)
-    except (TaskUnavailable, ResumeError, CheckpointError) as error:
-        parser.error(str(error))
     except SpawnInterrupted as error:     # the workers are stopped; exit as the signal would
-        print(f"xbt {args.command}: {error}", file=sys.stderr, flush=True)
+        print(interrupted(args, signal.Signals(error.signum).name), file=sys.stderr, flush=True)
         return 128 + error.signum
-    except SpawnError as error:           # a worker's error (with its traceback) is the message
-        print(f"xbt {args.command}: {error}", file=sys.stderr, flush=True)
+    except SpawnError as error:
+        if not error.failures:
+            print(f"xbt {args.command}: error: {error}", file=sys.stderr, flush=True)
+            return 1
+        root = error.failures[0]
+        if actionable(root.error):
+            return report(args, parser, root.error)
+        # a bug or a lost rank: the root cause with its traceback, the others in one line each
+        lines = [f"xbt {args.command}: error: rank {root.rank}: {root.summary}", root.traceback.rstrip()]
+        lines += [f"  then rank {f.rank}: {f.summary.splitlines()[0]}" for f in error.failures[1:]]
+        print("\n".join(line for line in lines if line), file=sys.stderr, flush=True)
         return 1
-    return 0
+    except (KeyboardInterrupt, Exception) as error:
+        if actionable(error):
+            return report(args, parser, error)
+        raise
 
 
 if __name__ == "__main__":

@@ -9,9 +9,8 @@ workers and the reproduction experiments share these).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
+import math
 from typing import Optional
 
 import torch
@@ -21,8 +20,9 @@ from ..mgrit.clock import RANK_THREAD
 from ..multilevel import MultilevelConfig
 from ..perf import emulate
 from .defaults import default_mgrit
+from .rundir import read_run
 from .tasks import TaskConfig, build_task
-from .trainer import TrainConfig, Trainer, read_metrics, seed_everything
+from .trainer import TrainConfig, Trainer, seed_everything
 
 
 def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=None,
@@ -33,25 +33,24 @@ def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=
     if values["layers"] % mgrit.coarsest_spacing:
         raise ValueError(f"--layers {values['layers']} must be a multiple of cfactor^(levels-1) = "
                          f"{mgrit.coarsest_spacing}")
-    task_cfg = TaskConfig(name=task, mgrit=mgrit, **{f.name: values[f.name] for f in
-                                                     dataclasses.fields(TaskConfig)
-                                                     if f.name in values})
-    control = ControlConfig(**{f.name: values[f.name] for f in dataclasses.fields(ControlConfig)
-                               if f.name in values})
+    task_cfg = _from_values(TaskConfig, values, name=task, mgrit=mgrit)
     multilevel = None
     if values["schedule"] == "multilevel":
-        multilevel = MultilevelConfig(cycle=values["cycle"], coarse_steps=values["coarse_steps"],
-                                      fine_steps=values["fine_steps"], levels=values["ml_levels"],
-                                      prolongation=values["prolongation"],
-                                      optimizer_state=values["optimizer_state"],
-                                      mgopt=values["mgopt"], line_search=values["line_search"],
-                                      coarse_gradients=values["coarse_gradients"])
-    train_cfg = TrainConfig(mode=mode, out_dir=out, resume=resume, progress=progress,
-                            tensorboard=tensorboard, monitor=monitor, control=control,
-                            multilevel=multilevel,
-                            **{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)
-                               if f.name in values and f.name != "mode"})
+        multilevel = _from_values(MultilevelConfig, values, renamed={"levels": "ml_levels"})
+    train_cfg = _from_values(TrainConfig, values, mode=mode, out_dir=out, resume=resume,
+                             progress=progress, tensorboard=tensorboard, monitor=monitor,
+                             control=_from_values(ControlConfig, values), multilevel=multilevel)
     return task_cfg, train_cfg
+
+
+def _from_values(config_class, values: dict, renamed: Optional[dict] = None, **given):
+    """``config_class`` with each field taken from ``given``, else from the option value of its
+    name (``renamed``: field -> option name, where the command line spells it otherwise), else
+    its own default."""
+    renamed = renamed or {}
+    fields = {f.name: values[renamed.get(f.name, f.name)] for f in dataclasses.fields(config_class)
+              if renamed.get(f.name, f.name) in values}
+    return config_class(**{**fields, **given})
 
 
 def run_training(task_cfg: TaskConfig, train_cfg: TrainConfig, until: Optional[int] = None,
@@ -98,18 +97,13 @@ def run_spawned(task_cfg: TaskConfig, train_cfg: TrainConfig, nprocs: int, threa
     """``run_training`` on ``nprocs`` spawned gloo processes (``threads`` torch threads each);
     returns the summary rank 0 wrote to ``train_cfg.out_dir``, with its history."""
     from ..distributed import spawn
-    spawn(run_on_rank, nprocs, task_cfg, train_cfg, None, threads)
+    # no limit on the whole run (a dead or hung rank is caught by the per-operation timeout);
+    # rank 0's progress lines are printed here
+    spawn(run_on_rank, nprocs, task_cfg, train_cfg, None, threads, join_timeout=math.inf,
+          forward_logs=True)
     return read_run(train_cfg.out_dir)
 
 
 def run_on_rank(comm, *args):
     """Worker entry of ``--nprocs`` (module level, so picklable)."""
     return run_training(*args, comm=comm)
-
-
-def read_run(out_dir: str) -> dict:
-    """The summary of a finished run in ``out_dir`` with its metrics records as ``history``."""
-    with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as handle:
-        summary = json.load(handle)
-    summary["history"] = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
-    return summary

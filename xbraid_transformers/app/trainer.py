@@ -17,15 +17,16 @@ Outputs under ``out_dir`` (rank 0 only): ``metrics.jsonl`` (one record per logge
 Failures leave a run that can be continued: a diverged run (a non-finite loss, a diverging
 solve, non-finite weights) stops, records ``diverged`` in the summary and never writes a
 checkpoint of the diverged state, so the last good one stays. Resuming drops the metrics
-records of the steps it replays (a run killed after its last checkpoint) and any half-written
-line; it refuses a checkpoint of a different network (task, layers, width, heads, ...), and a
-changed ``lr`` takes effect from the resumed step on, with a warning.
+records of the steps it replays (a run killed after its last checkpoint) and any damaged line
+(``app/rundir.py``); it refuses a checkpoint of a different network or of a run it would not
+continue (seed, batch, dropout), and applies changed schedule and optimizer options from the
+resumed step on, with a warning (``app/resume.py``). Each step runs the run's step hooks in the
+order of ``app/steps.py``: the adaptive controller and the multilevel schedule plug in there.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -33,43 +34,31 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..control import AdaptiveController, ControlConfig
 from ..core.layer_parallel import LayerParallel, find_stacks
-from ..data.cache import atomic_write_text
-from ..distributed import (clip_grad_norm_, gather_named, gather_optimizer_state, gather_state_dict,
-                           load_optimizer_state)
+from ..distributed import clip_grad_norm_, gather_named, gather_optimizer_state, gather_state_dict, load_optimizer_state
 from ..mgrit.comm import SERIAL, Communicator
 from ..mgrit.solver import MGRITDivergenceError
 from ..multilevel import MultilevelConfig, MultilevelStepper
 from ..perf import VirtualClock, attach_clock
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .defaults import DEFAULTS
+from .optim import OPTIMIZERS, make_optimizer
+from .resume import adjustments, check_resumable, run_identity
+from .rundir import CHECKPOINT, RunFiles
+from .steps import ControllerHooks, MultilevelHooks, StepHooks
 from .tasks import Task
+
+__all__ = ["MODES", "TrainConfig", "Trainer", "seed_everything"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("serial", "parallel", "adaptive")
-
-
-class ResumeError(ValueError):
-    """A checkpoint that this run cannot continue (another mode, optimizer, schedule, task or
-    network)."""
-
-
-# TaskConfig fields that define the network: a checkpoint resumes only into the same ones.
-ARCHITECTURE = ("name", "layers", "d_model", "heads", "vocab", "seq_len", "step_size", "tokenizer")
-
-# name -> (params, config) -> optimizer; the peak lr is the config's, the schedule scales it.
-OPTIMIZERS = {
-    "adamw": lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay),
-    "sgd": lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                               weight_decay=cfg.weight_decay),
-}
 
 
 @dataclass
@@ -153,15 +142,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def one_group(modules: List[LayerParallel]) -> Communicator:
+def layer_parallel_group(modules: List[LayerParallel]) -> Communicator:
     """The one layer-parallel group of a model's stacks (the trainer keeps every stack's ranks
     in step, so all must share it)."""
     comms = {(m.comm.rank, m.comm.size) for m in modules}
@@ -172,9 +153,11 @@ def one_group(modules: List[LayerParallel]) -> Communicator:
 
 
 class Trainer:
-    """Trains ``task.model`` on ``task``'s batches; see the module docstring."""
+    """Trains ``task.model`` on ``task``'s batches; see the module docstring. ``hooks``: step
+    hooks of your own (``app.steps.StepHooks``), called after the run's controller and
+    multilevel schedule."""
 
-    def __init__(self, task: Task, config: TrainConfig):
+    def __init__(self, task: Task, config: TrainConfig, hooks: Sequence[StepHooks] = ()):
         self.task, self.config = task, config
         self.model = task.model
         self.modules: List[LayerParallel] = find_stacks(self.model)
@@ -182,7 +165,7 @@ class Trainer:
         if config.virtual_time and not any(p.is_cuda for p in self.model.parameters()):
             timer = time.thread_time if torch.get_num_threads() == 1 else time.process_time
             self.clock = attach_clock(self.model, clock=VirtualClock(timer))
-        self.comm = one_group(self.modules)
+        self.comm = layer_parallel_group(self.modules)
         self.rank = self.comm.rank
         for module in self.modules:
             module.serial() if config.mode == "serial" else module.layer_parallel()
@@ -192,13 +175,18 @@ class Trainer:
         elif config.mode == "parallel" and config.monitor:
             self.controller = AdaptiveController(
                 self.model, dataclasses.replace(config.control, action="monitor"))
-        self.optimizer = OPTIMIZERS[config.optimizer](self.model.parameters(), config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.min_lr_ratio))
+        self.optimizer, self.scheduler = make_optimizer(self.model, config)
         self.multilevel: Optional[MultilevelStepper] = None
+        self.hooks: List[StepHooks] = []      # the step protocol (app/steps.py), in call order
         if config.multilevel is not None:
             self.multilevel = MultilevelStepper(self.model, self.optimizer,
                                                 config.multilevel.schedule(config.steps))
+        if self.controller is not None:
+            self.hooks.append(ControllerHooks(self.controller, self._fine_step if self.multilevel else None))
+        if self.multilevel is not None:
+            self.hooks.append(MultilevelHooks(
+                self.multilevel, lambda model, step: task.loss(task.batch("train", step))))
+        self.hooks += list(hooks)
         self.step = 0
         self.history: List[dict] = []
         self.evals: List[dict] = []
@@ -208,8 +196,9 @@ class Trainer:
         self._resumed_record: Optional[dict] = None   # the last metrics record before a resume
         self._saved_at: Optional[int] = None          # the step of the last checkpoint written
         self._writer = None
+        self.files = RunFiles(config.out_dir, writer=self.rank == 0)
         if config.resume is not None:
-            path = (os.path.join(config.out_dir, "checkpoint.pt") if config.resume == "auto"
+            path = (os.path.join(config.out_dir, CHECKPOINT) if config.resume == "auto"
                     else config.resume)
             self.load(path)
         else:
@@ -220,17 +209,8 @@ class Trainer:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _path(self, name: str) -> Optional[str]:
-        if self.config.out_dir is None:
-            return None
-        os.makedirs(self.config.out_dir, exist_ok=True)
-        return os.path.join(self.config.out_dir, name)
-
     def _write_record(self, record: dict) -> None:
-        path = self._path("metrics.jsonl")
-        if path and self.is_main:
-            with open(path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, allow_nan=True) + "\n")
+        self.files.append_record(record)
         if self._writer is not None:
             for key in ("loss", "lr", "rho_forward", "rho_backward", "eval_loss"):
                 if record.get(key) is not None:
@@ -247,10 +227,7 @@ class Trainer:
                 "multilevel": self._multilevel_state(),
                 "rng": rng_state(), "data": {"next_step": self.step},
                 "train_seconds": self.train_seconds, "virtual_seconds": self.virtual_seconds,
-                "mode": self.config.mode, "optimizer_name": self.config.optimizer,
-                "task": self.task.config.name, "schedule": self._schedule_key(),
-                "architecture": {k: getattr(self.task.config, k) for k in ARCHITECTURE},
-                "lr": self.config.lr}
+                **run_identity(self.task.config, self.config)}
 
     def _multilevel_state(self) -> Optional[dict]:
         """The stepper's state, its per-parameter tensors gathered from every rank."""
@@ -258,10 +235,6 @@ class Trainer:
             return None
         return {k: gather_named(self.model, v) if isinstance(v, dict) else v
                 for k, v in self.multilevel.state_dict().items()}
-
-    def _schedule_key(self) -> Optional[dict]:
-        ml = self.config.multilevel
-        return None if ml is None else dataclasses.asdict(ml)
 
     def weights_finite(self) -> bool:
         """Whether every parameter of the model, on every rank, is finite (collective)."""
@@ -274,7 +247,7 @@ class Trainer:
         """Write the checkpoint (every rank calls it; rank 0 writes). Raises FloatingPointError,
         writing nothing, when a weight is not finite: the previous checkpoint stays the one to
         resume from."""
-        path = path or self._path("checkpoint.pt")
+        path = path or self.files.path(CHECKPOINT)
         if path is None:
             return None
         if not self.weights_finite():
@@ -289,26 +262,7 @@ class Trainer:
 
     def load(self, path: str) -> None:
         state = load_checkpoint(path)
-        if state.get("mode") not in (None, self.config.mode):
-            raise ResumeError(f"checkpoint {path!r} is of a {state['mode']!r} run, this run is "
-                              f"{self.config.mode!r}")
-        saved_optimizer = state.get("optimizer_name", "adamw")   # older checkpoints: AdamW
-        if saved_optimizer != self.config.optimizer:
-            raise ResumeError(f"checkpoint {path!r} was trained with {saved_optimizer!r}, "
-                              f"this run uses {self.config.optimizer!r}")
-        if state.get("schedule") != self._schedule_key():
-            raise ResumeError(f"checkpoint {path!r} was trained with the multilevel schedule "
-                              f"{state.get('schedule')}, this run has {self._schedule_key()}")
-        if state.get("task") not in (None, self.task.config.name):
-            raise ResumeError(f"checkpoint {path!r} is of the {state['task']!r} task, this run is "
-                              f"{self.task.config.name!r}")
-        saved = state.get("architecture") or {}     # older checkpoints: not recorded
-        differ = [k for k in ARCHITECTURE if k in saved and saved[k] != getattr(self.task.config, k)]
-        if differ:
-            raise ResumeError(
-                f"checkpoint {path!r} is of a different network: " + ", ".join(
-                    f"--{k.replace('_', '-')} {saved[k]} there, {getattr(self.task.config, k)} here"
-                    for k in differ) + "; resume with the checkpoint's options or start a new run")
+        check_resumable(state, path, self.task.config, self.config)
         self.model.load_state_dict(state["model"])
         load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -323,38 +277,20 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds") or 0.0)
         self.virtual_seconds = state.get("virtual_seconds")
         self._resume_learning_rate(state, path)
-        self._resumed_record = self._trim_metrics()
+        self._resumed_record = self.files.trim_metrics(self.step, self.config.log_every)
         logger.info("resumed from %s at step %d", path, self.step)
 
     def _resume_learning_rate(self, state: dict, path: str) -> None:
         """The loaded optimizer carries the checkpoint's learning rate; the schedule restarts
-        from this run's ``lr`` (the same value unless it was changed, which is said)."""
-        saved = state.get("lr", (state["scheduler"].get("base_lrs") or [None])[0])
-        if saved is not None and saved != self.config.lr:
-            logger.warning("resuming %s with lr %g: the checkpoint was trained with lr %g; the "
-                           "schedule continues from step %d with the new peak", path,
-                           self.config.lr, saved, self.step)
+        from this run's options (the same unless they were changed, which is said)."""
+        changes = adjustments(state, self.task.config, self.config, self.step)
+        if changes:
+            logger.warning("resuming %s with %s", path, changes)
         scheduler = self.scheduler
         scheduler.base_lrs = [self.config.lr for _ in scheduler.base_lrs]
         for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
             group["initial_lr"] = self.config.lr
             group["lr"] = self.config.lr * factor(scheduler.last_epoch)
-
-    def _trim_metrics(self) -> Optional[dict]:
-        """Drop the records of steps from ``self.step`` on (written after the checkpoint by a run
-        that was then killed; they are replayed now) and half-written lines from metrics.jsonl.
-        Returns the last record kept (rank 0; None elsewhere)."""
-        path = self._path("metrics.jsonl")
-        if path is None or not self.is_main or not os.path.exists(path):
-            return None
-        with open(path, encoding="utf-8") as handle:
-            lines = [line for line in handle.read().splitlines() if line.strip()]
-        kept = [r for r in read_metrics(path) if r.get("step", -1) < self.step]
-        if len(kept) != len(lines):
-            logger.info("metrics.jsonl: kept the %d records before step %d, dropped %d lines",
-                        len(kept), self.step, len(lines) - len(kept))
-            atomic_write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
-        return kept[-1] if kept else None
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -365,11 +301,9 @@ class Trainer:
         if self.clock is not None:
             self.clock.resume()        # the time between steps (evaluation, files) is not counted
             virtual_start = self.clock.time
-        controller = self._step_controller()
-        probe = controller.before_step() if controller else False
-        total = 0.0
-        searches = len(self.multilevel.step_lengths) if self.multilevel else 0
-        with self._phase() as phase:
+        with contextlib.ExitStack() as scopes:
+            for hook in self.hooks:
+                scopes.enter_context(hook.scope(self.step))
             again = True
             while again:    # twice on a probe of the gradient trigger (its reference pass first)
                 total = 0.0
@@ -377,14 +311,16 @@ class Trainer:
                     loss = task.loss(task.batch("train", self.step, micro)) / cfg.grad_accum
                     loss.backward()
                     total += loss.item()
-                again = controller.after_backward() if controller else False
-            if self.multilevel is not None:
-                self.multilevel.correct_gradients()
+                again = any([hook.after_backward() for hook in self.hooks])
+            for hook in self.hooks:
+                hook.before_update()
             grad_norm = clip_grad_norm_(self.model, cfg.clip).item() if cfg.clip > 0 else None
             stats = self.modules[0].stats if self.modules else None
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
-        decision = controller.after_step() if controller else None
+        fields = {}
+        for hook in self.hooks:
+            fields.update(hook.after_update())
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.train_seconds += time.perf_counter() - start
@@ -396,46 +332,20 @@ class Trainer:
             self.virtual_seconds = (self.virtual_seconds or 0.0) + self.clock.time - virtual_start
         record = {"step": self.step, "loss": total, "lr": lr, "grad_norm": grad_norm,
                   "time": self.train_seconds, "virtual_time": self.virtual_seconds,
-                  "mode": stats.mode if stats else "serial", "probe": probe,
+                  "mode": stats.mode if stats else "serial", "probe": False,
                   "fwd_iters": stats.fwd_iters if stats else 0,
                   "bwd_iters": stats.bwd_iters if stats else 0,
                   "fwd_residuals": list(stats.fwd_residuals) if stats else [],
                   "bwd_residuals": list(stats.bwd_residuals) if stats else [],
-                  "rho_forward": None, "rho_backward": None}
-        if phase is not None:
-            record.update(stride=phase.stride, offset=phase.offset)
-            if len(self.multilevel.step_lengths) > searches:     # a coarse phase ended
-                record["line_search_step"] = self.multilevel.step_lengths[-1]
-        if stats and stats.mode == "parallel":
-            record["mode"] = "parallel"
-        if decision is not None:
-            rho = decision.rho
-            record.update(rho_forward=rho["forward"], rho_backward=rho["backward"],
-                          action=decision.action, reason=decision.reason)
-            if decision.gradient is not None:
-                record["grad_error"] = decision.grad_error
+                  "rho_forward": None, "rho_backward": None, **fields}
         if not math.isfinite(total):
             raise FloatingPointError(f"loss became {total} at step {self.step}")
         self.step += 1
         return record
 
-    def _step_controller(self) -> Optional[AdaptiveController]:
-        """The controller, when it watches this step: every step, except the coarse views of a
-        multilevel schedule (the controller judges the fine model's solves; its probes and
-        switch are counted in the run's steps)."""
-        if self.controller is None or self.multilevel is None:
-            return self.controller
-        if not self.multilevel.schedule.locate(self.step)[0].is_fine:
-            return None
-        self.controller.step = self.step
-        return self.controller
-
-    def _phase(self):
-        """The multilevel schedule's view for this step (the phase), or no view (None)."""
-        if self.multilevel is None:
-            return contextlib.nullcontext()
-        task = self.task
-        return self.multilevel.step(self.step, lambda model, step: task.loss(task.batch("train", step)))
+    def _fine_step(self, step: int) -> bool:
+        """Whether the multilevel schedule trains the fine model at ``step``."""
+        return self.multilevel.schedule.locate(step)[0].is_fine
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> float:
@@ -521,10 +431,7 @@ class Trainer:
     def finish(self) -> dict:
         """Final evaluation and the summary JSON."""
         summary = self.summary(final_eval=None if self.diverged else self.evaluate())
-        path = self._path("summary.json")
-        if path and self.is_main:
-            with open(path, "w", encoding="utf-8") as handle:
-                json.dump(summary, handle, indent=2, allow_nan=True)
+        self.files.write_summary(summary)
         if self._writer is not None:
             self._writer.close()
         return summary
@@ -568,28 +475,6 @@ class Trainer:
                         record["step"] + 1, stop, record["loss"], record["lr"], record["mode"],
                         record["fwd_iters"], record["bwd_iters"], view,
                         f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else "")
-
-
-def read_metrics(path: str) -> List[dict]:
-    """The records of a metrics.jsonl; a line that does not parse (half-written when a run was
-    killed) is skipped with a warning, not an error after hours of training."""
-    records, bad = [], 0
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                bad += 1
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                bad += 1
-    if bad:
-        logger.warning("%s: skipped %d damaged line(s)", path, bad)
-    return records
 
 
 def _tensorboard(out_dir: str):

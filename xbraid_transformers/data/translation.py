@@ -15,7 +15,7 @@ import torch
 
 from . import sources
 from .batching import DEFAULT_FRACTIONS, iterate_minibatches, pad_sequences, split_indices
-from .cache import cache_dir, fingerprint, load_ragged, read_meta, save_ragged, write_meta
+from .cache import cache_dir, fingerprint, load_ragged, preparing, read_meta, save_ragged, write_meta
 from .sources import PathLike
 from .tokenize import cached_tokenizer, load_tokenizer
 
@@ -291,28 +291,35 @@ def prepare_translation(name: str, pairs: Callable[[], Sequence[Tuple[str, str]]
                       *[Path(p) for p in source_files])
     d = cache_dir(name, f"{tokenizer}{vocab_size}-{key}", root)
     tok_path = d / "tokenizer.json"
+    if read_meta(d) is None or not tok_path.exists():
+        with preparing(d):
+            if read_meta(d) is None or not tok_path.exists():     # not prepared while we waited
+                _prepare_translation(d, name, pairs(), source_files, tokenizer, vocab_size, max_len,
+                                     fractions, seed)
     meta = read_meta(d)
-    if meta is not None and tok_path.exists():
-        tok = load_tokenizer(tok_path)
-        splits = {s: (load_ragged(d / f"{s}.src"), load_ragged(d / f"{s}.tgt")) for s in meta["splits"]}
-        for s, sides in splits.items():
-            for side, seqs in zip(("src", "tgt"), sides):
-                top = max((int(seq.max()) for seq in seqs if len(seq)), default=-1)
-                if top >= tok.vocab_size:   # random bytes in the cache: a clear error, not IndexError
-                    raise ValueError(f"{d / f'{s}.{side}.bin'}: token id {top} is outside the vocabulary "
-                                     f"of {tok.vocab_size}: the cache is damaged; delete {d} to rebuild it")
-        return TranslationData(splits, tok, d)
-    ps = pairs()
+    tok = load_tokenizer(tok_path)
+    splits = {s: (load_ragged(d / f"{s}.src"), load_ragged(d / f"{s}.tgt")) for s in meta["splits"]}
+    for s, sides in splits.items():
+        for side, seqs in zip(("src", "tgt"), sides):
+            top = max((int(seq.max()) for seq in seqs if len(seq)), default=-1)
+            if top >= tok.vocab_size:   # random bytes in the cache: a clear error, not IndexError
+                raise ValueError(f"{d / f'{s}.{side}.bin'}: token id {top} is outside the vocabulary "
+                                 f"of {tok.vocab_size}: the cache is damaged; delete {d} to rebuild it")
+    return TranslationData(splits, tok, d)
+
+
+def _prepare_translation(d: Path, name: str, ps: Sequence[Tuple[str, str]], source_files: Sequence[Path],
+                         tokenizer: str, vocab_size: int, max_len: Optional[int],
+                         fractions: Sequence[float], seed: int) -> None:
     specials = BPE_SPECIALS if tokenizer == "bpe" else None
-    tok = cached_tokenizer(tok_path, tokenizer, lambda: (t for p in ps for t in p), vocab_size, specials)
+    tok = cached_tokenizer(d / "tokenizer.json", tokenizer, lambda: (t for p in ps for t in p), vocab_size,
+                           specials)
     data = TranslationData.from_pairs(ps, tok, fractions, seed, max_len)
     for s, (src, tgt) in data.splits.items():
         save_ragged(d / f"{s}.src", src)
         save_ragged(d / f"{s}.tgt", tgt)
     write_meta(d, {"name": name, "tokenizer": tokenizer, "vocab_size": tok.vocab_size, "pairs": len(ps),
                    "splits": list(data.splits), "sources": [str(p) for p in source_files]})
-    data.directory = d
-    return data
 
 
 def kjv_rv_translation(direction: str = "en-es", tokenizer: str = "bpe", vocab_size: int = 8000,

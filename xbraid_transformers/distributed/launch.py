@@ -20,8 +20,11 @@ from __future__ import annotations
 import atexit
 import ctypes
 import io
+import logging
+import logging.handlers
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import shutil
 import signal
@@ -32,16 +35,44 @@ import threading
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
-from ..mgrit.comm import SERIAL, Communicator
+from ..mgrit.comm import SERIAL, CommunicationError, Communicator
 from ..mgrit.comm_backends import MPIComm, TorchComm, default_timeout
 
 
+# spawn's default whole-run limit is the communication timeout plus this (seconds)
+JOIN_GRACE = 120.0
+
+
+@dataclass
+class RankFailure:
+    """How one spawned process failed: ``summary`` is one line ("ValueError: ..." or "killed by
+    SIGKILL"); ``error`` the exception itself when it could be sent to the parent."""
+
+    rank: int
+    summary: str
+    traceback: str = ""
+    error: Optional[BaseException] = None
+    silent: bool = False             # ended without a word (killed, os._exit) or was stopped
+
+    @property
+    def consequence(self) -> bool:
+        """A communication failure, usually the consequence of another rank's failure."""
+        return isinstance(self.error, CommunicationError)
+
+
 class SpawnError(RuntimeError):
-    """A spawned process failed, or the processes did not finish in time."""
+    """A spawned process failed, or the processes did not finish in time. ``failures`` lists
+    the failed ranks, root cause first: ranks that ended without a word, then ranks with their
+    own error, then ranks whose communication failed because of them."""
+
+    def __init__(self, message: str, failures: Sequence[RankFailure] = ()):
+        super().__init__(message)
+        self.failures = list(failures)
 
 
 class SpawnInterrupted(SpawnError):
@@ -51,6 +82,7 @@ class SpawnInterrupted(SpawnError):
     def __init__(self, signum: int):
         self.signum = int(signum)
         super().__init__(f"received {signal.Signals(signum).name}: the spawned processes were stopped")
+        self.failures = []
 
 
 def detect_launcher() -> str:
@@ -215,8 +247,13 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="xbt-parent-watchdog", daemon=True).start()
 
 
-def _worker(rank, nprocs, parent_pid, init_method, timeout, threads, fn, args, results):
+def _worker(rank, nprocs, parent_pid, init_method, timeout, threads, fn, args, results, logs):
     _die_with_parent(parent_pid)
+    if logs is not None and rank == 0:      # rank 0 speaks through the parent's log handlers
+        level, log_queue = logs
+        root = logging.getLogger()
+        root.setLevel(level)
+        root.addHandler(logging.handlers.QueueHandler(log_queue))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1")
     loopback = _loopback_interface()
@@ -234,7 +271,8 @@ def _worker(rank, nprocs, parent_pid, init_method, timeout, threads, fn, args, r
         torch.save(value, buffer)
         results.put((rank, True, buffer.getvalue()))
     except BaseException as error:   # report every failure to the parent, then exit non-zero
-        results.put((rank, False, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+        results.put((rank, False, (f"{type(error).__name__}: {error}", traceback.format_exc(),
+                                   _picklable(error))))
         results.close()
         results.join_thread()   # the message must leave before the process does
         os._exit(1)
@@ -244,15 +282,40 @@ def _worker(rank, nprocs, parent_pid, init_method, timeout, threads, fn, args, r
         pass
 
 
+def _picklable(error: BaseException) -> Optional[BaseException]:
+    """The exception, if it survives the trip to the parent (its class importable there)."""
+    try:
+        return pickle.loads(pickle.dumps(error))
+    except Exception:
+        return None
+
+
+def _exit_summary(code: Optional[int], over_time: Optional[float]) -> str:
+    if code is None or code == -signal.SIGTERM:     # stopped by the clean-up
+        return (f"did not finish within the run's limit of {over_time:g} s (join_timeout); stopped"
+                if over_time is not None else "still running when another rank failed; stopped")
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code} without a result"
+
+
+def _root_cause_first(failures: List[RankFailure]) -> List[RankFailure]:
+    return sorted(failures, key=lambda f: (not f.silent, f.consequence, f.rank))
+
+
 def spawn(fn: Callable[..., Any], nprocs: int, *args, timeout: Optional[float] = None,
-          join_timeout: Optional[float] = None, threads: int = 1) -> List[Any]:
+          join_timeout: Optional[float] = None, threads: int = 1,
+          forward_logs: bool = False) -> List[Any]:
     """Run ``fn(comm, *args)`` in ``nprocs`` fresh gloo processes on this machine.
 
     fn must be picklable (a module-level function); its return values come back in rank
     order. timeout: the communication timeout of the workers (seconds). join_timeout: the
-    whole run's limit (default ``timeout + 120``). When a process fails, the others get
-    ``timeout + 2`` seconds to report their own errors before they are terminated; then
-    ``SpawnError`` lists every rank's error. threads: torch threads per process.
+    whole run's limit (default ``timeout + JOIN_GRACE``, a guard for tests; ``math.inf`` for none: a
+    dead or hung peer is still caught by the per-operation timeout). When a process fails, the
+    others get ``timeout + 2`` seconds to report their own errors before they are terminated;
+    then ``SpawnError`` lists every rank's error, root cause first. threads: torch threads per
+    process. forward_logs: rank 0's log records (at this process's root logger level) go
+    through this process's log handlers, as if it logged them itself.
 
     The workers never outlive this process: they die with it (also when it is killed), and
     SIGTERM or SIGHUP received while waiting (in the main thread) terminates them and raises
@@ -261,24 +324,34 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args, timeout: Optional[float] =
     if not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs must be a positive integer, got {nprocs!r}")
     timeout = default_timeout(timeout)
-    join_timeout = timeout + 120 if join_timeout is None else join_timeout
+    join_timeout = timeout + JOIN_GRACE if join_timeout is None else join_timeout
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
+    log_queue = ctx.Queue() if forward_logs else None
+    logs = None if log_queue is None else (logging.getLogger().getEffectiveLevel(), log_queue)
     rendezvous = tempfile.mkdtemp(prefix="xbt-spawn-")     # mode 0700: this user's only
     init_method = "file://" + os.path.join(rendezvous, "store")
     procs = [ctx.Process(target=_worker, args=(r, nprocs, os.getpid(), init_method, timeout, threads,
-                                               fn, args, results),
+                                               fn, args, results, logs),
                          daemon=True) for r in range(nprocs)]
     outcome: dict = {}
     previous_handlers = _stop_on_signals()
+    listener = None
+    if log_queue is not None:
+        listener = logging.handlers.QueueListener(log_queue, *logging.getLogger().handlers,
+                                                  respect_handler_level=True)
+        listener.start()
     try:
         for p in procs:
             p.start()
         deadline = time.monotonic() + join_timeout
-        failed_at = None
+        failed_at = over_time = None
         while len(outcome) < nprocs:
             now = time.monotonic()
-            if now > deadline or (failed_at is not None and now > failed_at + timeout + 2):
+            if now > deadline:
+                over_time = join_timeout
+                break
+            if failed_at is not None and now > failed_at + timeout + 2:
                 break
             try:
                 rank, ok, value = results.get(timeout=0.2)
@@ -300,17 +373,21 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args, timeout: Optional[float] =
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
         _stop(procs)
+        if listener is not None:
+            listener.stop()
         shutil.rmtree(rendezvous, ignore_errors=True)
-    errors = []
+    failures = []
     for r, p in enumerate(procs):
         if r not in outcome:
-            code = p.exitcode
-            errors.append(f"rank {r}: " + ("did not finish in time (terminated)" if code in (None, -15)
-                                            else f"exited with code {code} without a result"))
+            failures.append(RankFailure(r, _exit_summary(p.exitcode, over_time), silent=True))
         elif not outcome[r][0]:
-            errors.append(f"rank {r}: {outcome[r][1]}")
-    if errors:
-        raise SpawnError(f"{len(errors)} of {nprocs} spawned processes failed:\n" + "\n".join(errors))
+            summary, trace, error = outcome[r][1]
+            failures.append(RankFailure(r, summary, trace, error))
+    if failures:
+        failures = _root_cause_first(failures)
+        raise SpawnError(f"{len(failures)} of {nprocs} spawned processes failed:\n" + "\n".join(
+            f"rank {f.rank}: {f.summary}" + (f"\n{f.traceback}" if f.traceback else "")
+            for f in failures), failures)
     return [torch.load(io.BytesIO(outcome[r][1]), weights_only=False) for r in range(nprocs)]
 
 

@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import LayerParallelTransformerEncoder
-from .common import (LayerParallelModel, ParallelConfig, deepnet_gain, init_weights_,
-                     scale_residual_branches_)
+from .common import LayerParallelModel, ParallelConfig, encoder_stack, initialise_
 
 
 @dataclass
@@ -44,17 +42,11 @@ class Bert(LayerParallelModel):
         self.tok = nn.Embedding(c.vocab_size, c.d_model)
         self.pos = nn.Embedding(c.max_len, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        layer = nn.TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ff or 4 * c.d_model, c.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        options = c.parallel.stack_options(c.num_layers)  # step T/N, MGRIT, buffers...
-        self.encoder = LayerParallelTransformerEncoder(layer, c.num_layers, nn.LayerNorm(c.d_model),
-                                                       comm=comm, **options)
+        self.encoder = encoder_stack(c, comm)       # step T/N, MGRIT, buffers, final LayerNorm
         self.mlm_transform = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(),
                                            nn.LayerNorm(c.d_model))
         self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))
-        init_weights_(self)
-        if c.parallel.deepnet_init:
-            scale_residual_branches_(self.encoder.layers, deepnet_gain(c.num_layers))
+        initialise_(self, self.encoder, c.parallel, c.num_layers)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, T, d) of token ids (B, T); positions with pad_id are masked keys."""

@@ -1,4 +1,5 @@
-"""What the four model files share: the layer-parallel options and the init scaling."""
+"""What the four model files share: the layer-parallel options, the pre-LN torch layers they
+stack, the stack itself and the initialisation."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from ..mgrit.config import MGRITConfig
-from ..nn import ODEStack
+from ..nn import LayerParallelTransformerEncoder, ODEStack
 
 
 @dataclass
@@ -89,6 +90,31 @@ def init_weights_(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
             normal_(f"{name}.in_proj_weight", m.in_proj_weight)
             nn.init.zeros_(m.in_proj_bias)
+
+
+def pre_ln_layer(kind, d_model: int, n_heads: int, d_ff: Optional[int], dropout: float):
+    """A pre-LN torch layer (``nn.TransformerEncoderLayer`` or ``DecoderLayer``) with GELU,
+    batch first: the ODE step of every model here (``d_ff`` None: 4 * d_model)."""
+    return kind(d_model, n_heads, d_ff or 4 * d_model, dropout, activation="gelu",
+                batch_first=True, norm_first=True)
+
+
+def encoder_stack(config, comm=None) -> LayerParallelTransformerEncoder:
+    """``config.num_layers`` pre-LN encoder layers solved as one ODE (step T/N, MGRIT and buffer
+    layers from ``config.parallel``) and a final LayerNorm; ``config``: a model config with
+    ``d_model``, ``n_heads``, ``d_ff``, ``dropout``, ``num_layers`` and ``parallel``."""
+    c = config
+    layer = pre_ln_layer(nn.TransformerEncoderLayer, c.d_model, c.n_heads, c.d_ff, c.dropout)
+    return LayerParallelTransformerEncoder(layer, c.num_layers, nn.LayerNorm(c.d_model), comm=comm,
+                                           **c.parallel.stack_options(c.num_layers))
+
+
+def initialise_(model: nn.Module, stack: ODEStack, parallel: "ParallelConfig", num_layers: int) -> None:
+    """The models' initialisation (``init_weights_``), then, with ``parallel.deepnet_init``,
+    the residual branches of the stack's layers scaled for a depth of ``num_layers``."""
+    init_weights_(model)
+    if parallel.deepnet_init:
+        scale_residual_branches_(stack.layers, deepnet_gain(num_layers))
 
 
 class LayerParallelModel(nn.Module):

@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import LayerParallelTransformerEncoder
-from .common import (LayerParallelModel, ParallelConfig, deepnet_gain, init_weights_,
-                     scale_residual_branches_)
+from .common import LayerParallelModel, ParallelConfig, encoder_stack, initialise_
 
 
 @dataclass
@@ -41,16 +39,10 @@ class GPT(LayerParallelModel):
         self.tok = nn.Embedding(c.vocab_size, c.d_model)
         self.pos = nn.Embedding(c.block_size, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        layer = nn.TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ff or 4 * c.d_model, c.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        options = c.parallel.stack_options(c.num_layers)  # step T/N, MGRIT, buffers...
-        self.blocks = LayerParallelTransformerEncoder(layer, c.num_layers, nn.LayerNorm(c.d_model),
-                                                      comm=comm, **options)
+        self.blocks = encoder_stack(c, comm)        # step T/N, MGRIT, buffers, final LayerNorm
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        init_weights_(self)
+        initialise_(self, self.blocks, c.parallel, c.num_layers)
         self.head.weight = self.tok.weight  # weight tying
-        if c.parallel.deepnet_init:
-            scale_residual_branches_(self.blocks.layers, deepnet_gain(c.num_layers))
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
         B, T = idx.shape

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LayerParallelTransformer
-from .common import (LayerParallelModel, ParallelConfig, deepnet_gain, init_weights_,
-                     scale_residual_branches_)
+from .common import LayerParallelModel, ParallelConfig, initialise_, pre_ln_layer
 
 
 @dataclass
@@ -54,10 +53,8 @@ class Seq2Seq(LayerParallelModel):
         self.tgt_tok = nn.Embedding(c.tgt_vocab, d)
         self.pos = nn.Embedding(c.max_len, d)
         self.drop = nn.Dropout(c.dropout)
-        enc = nn.TransformerEncoderLayer(d, c.n_heads, ff, c.dropout, activation="gelu",
-                                         batch_first=True, norm_first=True)
-        dec = nn.TransformerDecoderLayer(d, c.n_heads, ff, c.dropout, activation="gelu",
-                                         batch_first=True, norm_first=True)
+        enc = pre_ln_layer(nn.TransformerEncoderLayer, d, c.n_heads, ff, c.dropout)
+        dec = pre_ln_layer(nn.TransformerDecoderLayer, d, c.n_heads, ff, c.dropout)
         num_layers = c.num_encoder_layers + c.num_decoder_layers
         options = c.parallel.stack_options(num_layers)
         del options["buffer_layers"]
@@ -65,10 +62,8 @@ class Seq2Seq(LayerParallelModel):
                                                     c.num_decoder_layers, nn.LayerNorm(d),
                                                     nn.LayerNorm(d), comm=comm, **options)
         self.head = nn.Linear(d, c.tgt_vocab, bias=False)
-        init_weights_(self)
+        initialise_(self, self.transformer, c.parallel, num_layers)
         self.head.weight = self.tgt_tok.weight  # weight tying
-        if c.parallel.deepnet_init:
-            scale_residual_branches_(self.transformer.layers, deepnet_gain(num_layers))
 
     def _embed(self, tok: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         if ids.shape[1] > self.config.max_len:

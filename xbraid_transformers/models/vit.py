@@ -15,9 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn import LayerParallelTransformerEncoder
-from .common import (LayerParallelModel, ParallelConfig, deepnet_gain, init_weights_,
-                     scale_residual_branches_)
+from .common import LayerParallelModel, ParallelConfig, encoder_stack, initialise_
 
 
 @dataclass
@@ -51,15 +49,9 @@ class ViT(LayerParallelModel):
         self.cls = nn.Parameter(torch.zeros(1, 1, c.d_model))
         self.pos = nn.Parameter(0.02 * torch.randn(1, num_patches + 1, c.d_model))
         self.drop = nn.Dropout(c.dropout)
-        layer = nn.TransformerEncoderLayer(c.d_model, c.n_heads, c.d_ff or 4 * c.d_model, c.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        options = c.parallel.stack_options(c.num_layers)  # step T/N, MGRIT, buffers...
-        self.encoder = LayerParallelTransformerEncoder(layer, c.num_layers, nn.LayerNorm(c.d_model),
-                                                       comm=comm, **options)
+        self.encoder = encoder_stack(c, comm)       # step T/N, MGRIT, buffers, final LayerNorm
         self.head = nn.Linear(c.d_model, c.num_classes)
-        init_weights_(self)
-        if c.parallel.deepnet_init:
-            scale_residual_branches_(self.encoder.layers, deepnet_gain(c.num_layers))
+        initialise_(self, self.encoder, c.parallel, c.num_layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         c = self.config

@@ -42,12 +42,11 @@ class ClsTask(SampledTask):
 
     def __init__(self, config: TaskConfig, comm=None):
         from ...data.batching import pad_sequences
-        from ...data.text import encode_for_classification, rotten_tomatoes_splits
-        from ...data.tokenize import train_wordpiece
+        from ...data.text import encode_for_classification, rotten_tomatoes_splits, rotten_tomatoes_tokenizer
         from ...models import Bert, BertClassifier, BertConfig
         c = config
         parts = load_data(lambda: rotten_tomatoes_splits(c.data_path))
-        tokenizer = train_wordpiece(parts["train"][0], vocab_size=4096)
+        tokenizer = rotten_tomatoes_tokenizer(c.data_path, vocab_size=4096)
         pad = tokenizer.token_to_id("[PAD]")
         self.splits = {s: (pad_sequences(encode_for_classification(texts, tokenizer, c.seq_len), pad,
                                          c.seq_len)[0], labels)
