@@ -27,12 +27,19 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _xbt(*argv, **popen):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **popen.pop("env", {}))
+def _xbt(*argv, before=None):
+    """``xbt ARGV`` as a process of its own session, with Ctrl-C's default disposition (a
+    background test runner may hand on SIGINT ignored, which Python then keeps); ``before``
+    runs in the child before the command (a resource limit)."""
+    def child():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if before is not None:
+            before()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-c", "import sys; from xbraid_transformers.app.cli "
                              "import main; sys.argv[0] = 'xbt'; sys.exit(main())", *argv],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen)
+                            start_new_session=True, preexec_fn=child)
 
 
 def _stop(job):
@@ -69,8 +76,11 @@ def test_a_spawned_run_has_no_whole_run_time_limit_and_prints_rank_0s_progress(t
 # ---------------------------------------------------------------------------- an empty data cache
 def _own_data(tmp_path):
     """Small files in the formats of each tokenised task's --data-path."""
-    words = "the a good bad film movie plot actor scene story great awful fine long short".split()
+    # many random words of equal frequency: the tokenizer trainers meet ties they break
+    # differently in every process, as on the real corpora
     rng = torch.Generator().manual_seed(0)
+    letters = torch.randint(26, (3000, 6), generator=rng)
+    words = ["".join(chr(97 + int(c)) for c in row) for row in letters]
 
     def sentence(n):
         return " ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=rng))
@@ -100,7 +110,7 @@ def test_every_tokenised_task_trains_on_an_empty_cache_with_several_processes(ta
 
 def _tokens_of(comm, path):
     from xbraid_transformers.data.text import text_file_lm
-    data = text_file_lm(path, "bpe", 300)
+    data = text_file_lm(path, "wordpiece", 300)      # WordPiece: ties broken per process
     return [data.splits["train"].tobytes(), data.tokenizer.tok.to_str()]
 
 
@@ -239,7 +249,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     def small_files():         # a file-size limit fails writes as a full disk does
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
-    job = _xbt("train", *TINY, "--steps", "4", "--out", str(out), "--resume", preexec_fn=small_files)
+    job = _xbt("train", *TINY, "--steps", "4", "--out", str(out), "--resume", before=small_files)
     _, err = job.communicate(timeout=120)
     assert job.returncode == 1, err
     lines = err.strip().splitlines()

@@ -118,7 +118,7 @@ def test_micro_run_counts_the_gradients_and_the_steps(tmp_path):
 
 def test_settings_that_cannot_be_measured_are_clear_errors():
     s = SETTINGS["micro"]
-    with pytest.raises(ValueError, match="whole coarsest interval"):
+    with pytest.raises(ValueError, match="fits 4 layers on 8 ranks"):
         run(dict(s, depths=[4], depth_ranks=8), lambda _: None)     # more ranks than layers
     with pytest.raises(ValueError, match="power-of-two"):
         run(dict(s, data=dict(s["data"], ranks=3)), lambda _: None)
