@@ -16,10 +16,12 @@ import time
 import dist_utils as du
 import pytest
 import torch
+from torch import nn
 
+import xbraid_transformers as xbt
 from xbraid_transformers.core.ownership import partition_layers
 from xbraid_transformers.distributed import SpawnError, spawn
-from xbraid_transformers.mgrit.comm import SERIAL, Communicator
+from xbraid_transformers.mgrit.comm import SERIAL, CommunicationError, Communicator, SingleProcess
 
 TIMEOUT = 30.0
 
@@ -172,10 +174,40 @@ def test_partitions_are_balanced_to_one_layer():
 
 
 def test_reversed_view_swaps_neighbours():
-    comm = Communicator()
+    comm = SingleProcess()      # the neighbours are pure arithmetic on rank and size
     comm.rank, comm.size = 1, 3
     assert (comm.prev, comm.next) == (0, 2)
     view = comm.reversed()
     assert (view.prev, view.next) == (2, 0) and (comm.prev, comm.next) == (0, 2)
     assert view.reversed().prev == 0
     assert SERIAL.exchange(torch.ones(1)) is None
+
+
+def test_a_backend_must_implement_every_primitive_and_can_be_registered():
+    """The contract: a Communicator that forgets a primitive cannot be made (nothing falls back
+    to single-process answers), and a registered backend is what comm= accepts."""
+    from xbraid_transformers.mgrit import comm_backends
+
+    class Forgetful(Communicator):       # everything but allgather
+        def isend(self, tensor, dst): pass
+        def recv(self, like, src): return like
+        def allreduce(self, tensor, op="sum"): return tensor
+        def broadcast(self, tensor, root): return tensor
+        def flush(self): pass
+
+    with pytest.raises(TypeError, match="allgather"):
+        Forgetful()
+
+    class Other:                         # another library's communicator
+        pass
+
+    with pytest.raises(TypeError, match="torch.distributed, mpi4py"):
+        xbt.LayerParallel([nn.Linear(2, 2) for _ in range(4)], comm=Other())
+    comm_backends.register_backend("other", lambda c: isinstance(c, Other), lambda c: SERIAL)
+    try:
+        stack = xbt.LayerParallel([nn.Linear(2, 2) for _ in range(4)], comm=Other())
+        assert stack.comm is SERIAL
+    finally:
+        comm_backends.BACKENDS.pop()
+    with pytest.raises(CommunicationError, match="no rank 1"):
+        SERIAL.isend(torch.ones(1), 1)

@@ -5,16 +5,19 @@ The solver talks to its neighbours in *solve order* through four operations (``e
 and uses ``comm.reversed()``, a view with the previous and next neighbours swapped.
 ``LayerParallel`` also needs ``broadcast``, ``allreduce`` and ``allgather``.
 
-Backends implement five primitives on tensors: ``isend`` (never blocks: a send may complete
-later, ``flush`` waits for all of them), ``recv``, ``allreduce``, ``broadcast`` and
-``allgather``. Every wait is bounded by ``timeout`` seconds and fails with
-``CommunicationError``. A single process uses ``SERIAL`` and needs none of them.
+Backends implement six primitives on tensors, all abstract, so that a backend that forgets one
+cannot be instantiated (nothing falls back to single-process behaviour quietly): ``isend``
+(never blocks: a send may complete later, ``flush`` waits for all of them), ``recv``,
+``allreduce``, ``broadcast`` and ``allgather``. Every wait is bounded by ``timeout`` seconds
+and fails with ``CommunicationError``. A single process uses ``SERIAL`` (a ``SingleProcess``),
+whose collectives return their input.
 Backends: ``TorchComm`` (torch.distributed, gloo or NCCL, any process group), ``MPIComm``
 (mpi4py, buffers) and ``ThreadComm`` (ranks as threads of one process, for emulation); see
 ``comm_backends``.
 """
 from __future__ import annotations
 
+import abc
 import copy
 from typing import List, Optional
 
@@ -28,8 +31,10 @@ class CommunicationError(RuntimeError):
     """A peer did not answer within the timeout, died, or called a different operation."""
 
 
-class Communicator:
-    """Ranks ``0..size-1`` of one layer-parallel group; rank r owns the r-th block of layers."""
+class Communicator(abc.ABC):
+    """Ranks ``0..size-1`` of one layer-parallel group; rank r owns the r-th block of layers.
+    Subclasses implement the primitives below (docs/architecture.md, "A communication
+    backend")."""
 
     rank = 0
     size = 1
@@ -87,24 +92,27 @@ class Communicator:
         return float(self.allreduce(torch.tensor([value], dtype=torch.float64, device=self.device))[0])
 
     # ------------------------------------------------------------------ primitives
+    @abc.abstractmethod
     def isend(self, tensor: torch.Tensor, dst: int) -> None:
-        raise NotImplementedError
+        """Start sending ``tensor`` to rank ``dst``; never blocks (``flush`` waits)."""
 
+    @abc.abstractmethod
     def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
-        raise NotImplementedError
+        """A tensor of ``like``'s shape and dtype from rank ``src``."""
 
+    @abc.abstractmethod
     def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Element-wise sum or max over the ranks (a new tensor, equal on every rank)."""
-        return tensor
 
+    @abc.abstractmethod
     def broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
         """``tensor`` of rank ``root`` on every rank (others pass a tensor of the same shape)."""
-        return tensor
 
+    @abc.abstractmethod
     def allgather(self, tensor: torch.Tensor) -> List[torch.Tensor]:
         """Every rank's ``tensor`` (same shape on all ranks), in rank order."""
-        return [tensor]
 
+    @abc.abstractmethod
     def flush(self) -> None:
         """Wait until every pending send has completed."""
 
@@ -112,4 +120,26 @@ class Communicator:
         return f"rank {self.rank} of {self.size}"
 
 
-SERIAL = Communicator()
+class SingleProcess(Communicator):
+    """This process alone: the collectives return their input, and there is no peer."""
+
+    def isend(self, tensor, dst):
+        raise CommunicationError(f"a single process has no rank {dst} to send to")
+
+    def recv(self, like, src):
+        raise CommunicationError(f"a single process has no rank {src} to receive from")
+
+    def allreduce(self, tensor, op="sum"):
+        return tensor
+
+    def broadcast(self, tensor, root):
+        return tensor
+
+    def allgather(self, tensor):
+        return [tensor]
+
+    def flush(self):
+        pass
+
+
+SERIAL = SingleProcess()

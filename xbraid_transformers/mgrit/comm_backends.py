@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from datetime import timedelta
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -242,19 +242,42 @@ class ThreadComm(Communicator):
     def allgather(self, tensor):
         return [t.clone() for t in self._gather(tensor, "an all-gather")]
 
+    def flush(self):
+        """Queues deliver at once: no send is pending."""
+
+
+# How a communicator of another library becomes a Communicator: (name, accepts(obj) -> bool,
+# wrap(obj) -> Communicator), tried in order by as_communicator; register_backend adds one.
+BACKENDS: List[Tuple[str, Callable[[object], bool], Callable[[object], Communicator]]] = []
+
+
+def register_backend(name: str, accepts: Callable[[object], bool],
+                     wrap: Callable[[object], Communicator]) -> None:
+    """Let ``comm=`` take the communicators ``accepts`` recognises, wrapped by ``wrap`` (a
+    ``Communicator`` subclass implementing every primitive)."""
+    BACKENDS.append((name, accepts, wrap))
+
+
+def _is_process_group(comm) -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and isinstance(comm, dist.ProcessGroup)
+
+
+register_backend("torch.distributed", _is_process_group, TorchComm)
+register_backend("mpi4py", lambda comm: type(comm).__module__.startswith("mpi4py"), MPIComm)
+
 
 def as_communicator(comm) -> Communicator:
-    """None (one process), a ``Communicator``, a torch.distributed process group, or an mpi4py
-    communicator, as a ``Communicator``."""
+    """None (one process), a ``Communicator``, or a communicator of a registered backend (a
+    torch.distributed process group, an mpi4py communicator, ...), as a ``Communicator``."""
     from .comm import SERIAL
     if comm is None:
         return SERIAL
     if isinstance(comm, Communicator):
         return comm
-    import torch.distributed as dist
-    if dist.is_available() and isinstance(comm, dist.ProcessGroup):
-        return TorchComm(comm)
-    if type(comm).__module__.startswith("mpi4py"):
-        return MPIComm(comm)
-    raise TypeError(f"comm must be None, an xbt Communicator, a torch.distributed ProcessGroup or "
-                    f"an mpi4py communicator, got {type(comm).__name__}")
+    for _, accepts, wrap in BACKENDS:
+        if accepts(comm):
+            return wrap(comm)
+    raise TypeError(f"comm must be None, an xbt Communicator or a communicator of a registered "
+                    f"backend ({', '.join(name for name, _, _ in BACKENDS)}), got "
+                    f"{type(comm).__name__}")
