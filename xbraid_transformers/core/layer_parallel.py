@@ -239,21 +239,23 @@ class LayerParallel(nn.Module):
         along the ranks); each rank keeps the selected layers of its own block."""
         keep = self.coarse_layers(stride, offset)
         blocks = self.coarse_blocks(stride, offset)
-        saved = (self.layers, self.step_size, self._mgrit, self._parallel, self.blocks,
+        saved = (self.layers, self.step_size, self.mgrit, self.parallel, self.blocks,
                  self._num_layers)
-        fits = len(keep) % self._mgrit.coarsest_spacing == 0
+        fits = len(keep) % self.mgrit.coarsest_spacing == 0
         self.layers = nn.ModuleList(self.layers[i] for i in keep)
         self.blocks, self._num_layers = blocks, len(keep)
-        # Bypasses the setter's check, which holds the options against the fine layers.
-        self._mgrit = self._mgrit if fits else MGRITConfig(levels=1)
+        # through the setters: the options are checked against the coarse layers now in place
+        self.mgrit = self.mgrit if fits else MGRITConfig(levels=1)
         self.step_size *= stride
-        self._parallel = self._parallel and fits
+        self.set_parallel(self.parallel and fits)
         self.reset_warm_start()
         try:
             yield self
         finally:
-            (self.layers, self.step_size, self._mgrit, self._parallel, self.blocks,
-             self._num_layers) = saved
+            layers, self.step_size, mgrit, parallel, self.blocks, self._num_layers = saved
+            self.layers = layers
+            self.mgrit = mgrit
+            self.set_parallel(parallel)
             self.reset_warm_start()
 
     def configure(self, **changes) -> None:
