@@ -36,7 +36,7 @@ def usage(comm, layers, serial, x):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = stack(x.clone().requires_grad_())
-    lo, hi = stack.block
+    lo, hi = stack.owned_range
     states = 0 if serial else (hi - lo + 1) * x.numel() * x.element_size()
     out.sum().backward()
     return dict(rank=comm.rank, params=params, saved=sum(seen.values()), states=states)

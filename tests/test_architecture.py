@@ -11,7 +11,8 @@ PACKAGE = "xbraid_transformers"
 
 # (layer, module-name prefixes); a module belongs to the first layer with a matching prefix.
 LAYERS = [
-    ("solver", ("version", "mgrit")),
+    ("base", ("version", "formatting")),     # what every module may use: no package imports
+    ("solver", ("mgrit",)),
     ("core", ("core", "perf")),
     # the features, in three floors: what everything may use (data, processes), what trains a
     # stack (drop-in modules, the controller, multilevel training, diagnostics), and what builds
@@ -45,7 +46,8 @@ def layer_of(module: str) -> str:
     raise AssertionError(f"{module} belongs to no layer: add it to LAYERS and docs/architecture.md")
 
 
-def resolve(module: str, node: ast.ImportFrom) -> str:
+def imported_module(module: str, node: ast.ImportFrom) -> str:
+    """The absolute name of the module an ``import from`` statement of ``module`` names."""
     if node.level == 0:
         return node.module or ""
     base = module.split(".")
@@ -79,7 +81,7 @@ def imports(module: str):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = resolve(module, node)
+            base = imported_module(module, node)
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
                        for a in node.names]
         elif isinstance(node, ast.Call) and _dynamic_import(module, node):
@@ -167,7 +169,7 @@ def private_access(module: str):
     others = set().union(*(names for m, names in DEFINED.items() if m != module))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            base = resolve(module, node)
+            base = imported_module(module, node)
             if base == PACKAGE or base.startswith(PACKAGE + "."):
                 for alias in node.names:
                     if _private(alias.name):
@@ -214,3 +216,63 @@ def test_the_scans_see_each_kind_of_violation(package):
             assert [line.split(" ", 1)[1] for line in private_access(module)] == [kind]
     finally:
         del MODULES[module], TREES[module], DEFINED[module]
+
+
+# ---------------------------------------------------------------------- the public surface
+PUBLIC = sorted(m for m in MODULES if not any(part.startswith("_") for part in m.split(".")))
+
+
+def _listed_names(tree: ast.Module):
+    """The names of ``__all__`` (a literal list or tuple of strings), or None without one."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            value = ast.literal_eval(node.value)
+            assert isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), \
+                "__all__ must be a literal list of strings"
+            return list(value)
+    return None
+
+
+def _bound_names(tree: ast.Module) -> set:
+    """Names a module binds at its top level (definitions, assignments, imports) and the names
+    its module ``__getattr__`` hands out lazily (the string constants it compares to)."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if node.name == "__getattr__":
+                names |= {c.value for c in ast.walk(node)
+                          if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("module", PUBLIC)
+def test_every_public_module_lists_its_public_names(module):
+    """A public module (no part of its name starts with "_") says what it offers in
+    ``__all__``: names it binds, none private, none twice."""
+    listed = _listed_names(TREES[module])
+    assert listed is not None, f"{module} defines no __all__"
+    assert len(set(listed)) == len(listed), f"{module}: __all__ names a name twice"
+    assert not [n for n in listed if _private(n)], f"{module}: __all__ lists private names"
+    missing = sorted(set(listed) - _bound_names(TREES[module]))
+    assert not missing, f"{module}: __all__ lists names it does not define or import: {missing}"
+
+
+def test_the_public_surface_check_sees_a_missing_or_wrong_all():
+    """The check above can fail: a module without ``__all__``, one that lists a name it does not
+    bind, and one that lists a private name are each refused."""
+    cases = {"": "defines no __all__", "__all__ = ['gone']\n": "does not define",
+             "def _hidden(): pass\n__all__ = ['_hidden']\n": "lists private names"}
+    module = f"{PACKAGE}.core.made_up"
+    for source, message in cases.items():
+        TREES[module] = ast.parse(source)
+        try:
+            with pytest.raises(AssertionError, match=message):
+                test_every_public_module_lists_its_public_names(module)
+        finally:
+            del TREES[module]

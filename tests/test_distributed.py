@@ -21,7 +21,9 @@ from torch import nn
 import xbraid_transformers as xbt
 from xbraid_transformers.core.ownership import partition_layers
 from xbraid_transformers.distributed import SpawnError, spawn
+from xbraid_transformers.mgrit.clock import emulate
 from xbraid_transformers.mgrit.comm import SERIAL, CommunicationError, Communicator, SingleProcess
+from xbraid_transformers.mgrit.comm_backends import BACKENDS
 
 TIMEOUT = 30.0
 
@@ -65,29 +67,61 @@ def assert_matches(results, reference, nprocs):
             assert sorted(owned_all) == list(range(12)), f"{name}: layers owned {owned_all}"
 
 
-@pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
-def test_parity_with_the_single_process_run_over_gloo(nprocs, reference):
-    results = spawn(du.run_cases, nprocs, timeout=TIMEOUT)
-    assert_matches(results, reference, nprocs)
-    if nprocs > 1:   # each rank holds only its own layers
-        counts = [len(r["mgrit-1/1"]["first"]["grads"]) for r in results]
-        assert max(counts) < len(reference["mgrit-1/1"]["first"]["grads"])
+def _over_threads(nprocs, tmp_path):
+    """Ranks as threads of this process (the thread backend, under the emulator's clocks)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return emulate(du.run_cases, nprocs, timeout=TIMEOUT)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def test_parity_under_mpiexec_with_mpi4py(tmp_path, reference):
+def _over_gloo(nprocs, tmp_path):
+    """torch.distributed processes (gloo) spawned here."""
+    return spawn(du.run_cases, nprocs, timeout=TIMEOUT)
+
+
+def _over_mpiexec(nprocs, tmp_path):
+    """mpiexec processes that join through ``init_distributed`` (mpi4py); they run the first
+    three cases, the others are filled in from the reference by the caller."""
     exe = du.mpiexec_or_skip()
     out = tmp_path / "mpi"
     env = dict(os.environ, XBT_TIMEOUT=str(TIMEOUT), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([exe, "-n", "2", sys.executable, "-m", "mpi4py", du.__file__, str(out)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([exe, "-n", str(nprocs), sys.executable, "-m", "mpi4py", du.__file__,
+                           str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
-    assert all(r["kind"] == "MPIComm" for r in results)
-    for r in results:
-        for name, *_ in du.CASES[3:]:
-            r[name] = reference[name] | {"owned": []}   # the mpiexec run covers the first three
-    assert_matches(results, reference, 2)
+    results = [torch.load(f"{out}.{r}", weights_only=False) for r in range(nprocs)]
+    assert all(r.pop("kind") == "MPIComm" for r in results)
+    return results
+
+
+# backend name -> (how its ranks are started, the rank counts tested): one entry for every
+# backend of the registry (the test below fails for a backend registered without a parity run)
+PARITY_RUNS = {
+    "threads": (_over_threads, [2, 3, 4]),
+    "torch.distributed": (_over_gloo, [1, 2, 3, 4]),
+    "mpi4py": (_over_mpiexec, [2]),
+}
+
+
+def test_every_registered_backend_has_a_parity_run():
+    assert sorted(PARITY_RUNS) == sorted(b.name for b in BACKENDS)
+
+
+@pytest.mark.parametrize("backend, nprocs", [(name, n) for name, (_, counts) in PARITY_RUNS.items()
+                                             for n in counts])
+def test_parity_with_the_single_process_run_over_every_backend(backend, nprocs, reference, tmp_path):
+    start, _ = PARITY_RUNS[backend]
+    results = start(nprocs, tmp_path)
+    for r in results:      # cases a run leaves out are taken from the reference (nothing owned)
+        for name, *_ in du.CASES:
+            r.setdefault(name, reference[name] | {"owned": []})
+    assert_matches(results, reference, nprocs)
+    if nprocs > 1:   # each rank holds only its own layers
+        counts = [len(r["mgrit-1/1"]["first"]["grads"]) for r in results]
+        assert max(counts) < len(reference["mgrit-1/1"]["first"]["grads"])
 
 
 def test_gather_state_dict_round_trip_across_rank_counts(tmp_path):
@@ -211,3 +245,34 @@ def test_a_backend_must_implement_every_primitive_and_can_be_registered():
         comm_backends.BACKENDS.pop()
     with pytest.raises(CommunicationError, match="no rank 1"):
         SERIAL.isend(torch.ones(1), 1)
+
+
+def test_init_distributed_starts_the_registered_backend_of_the_launch(monkeypatch):
+    """init_distributed asks the registry: a backend registered with a start is what
+    backend= names under its launcher; a name no backend of the launcher lists is an error
+    that names the choices."""
+    from xbraid_transformers.mgrit import comm_backends
+    started = []
+
+    class Fake(SingleProcess):
+        pass
+
+    def start(choice, launcher, timeout):
+        started.append((choice, launcher, timeout))
+        return Fake()
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    comm_backends.register_backend("fake", start=start, choices=("fake",),
+                                   starts_under=("torchrun",), communicator=Fake)
+    try:
+        assert isinstance(xbt.init_distributed("fake", timeout=7), Fake)
+        assert started == [("fake", "torchrun", 7.0)]
+        with pytest.raises(ValueError, match="no backend 'bogus' for a launch by torchrun: "
+                                             "choose one of gloo, nccl, fake"):
+            xbt.init_distributed("bogus")
+    finally:
+        comm_backends.BACKENDS.pop()
+    with pytest.raises(ValueError, match="choices, starts_under and default_for need a start"):
+        comm_backends.register_backend("broken", choices=("x",))

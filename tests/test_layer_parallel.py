@@ -253,3 +253,39 @@ def test_second_order_gradients_through_mgrit_are_refused(create_graph_on):
             loss.backward(create_graph=True)
         else:
             torch.autograd.grad(loss, x, create_graph=True)
+
+
+def _old_and_new_range_names(comm):
+    stack = xbt.LayerParallel([nn.Linear(2, 2) for _ in range(8)], comm=comm,
+                              mgrit=xbt.MGRITConfig(levels=2, cfactor=2))
+    with pytest.warns(DeprecationWarning, match="now layer_ranges"):
+        blocks = stack.blocks
+    with pytest.warns(DeprecationWarning, match="now owned_range"):
+        block = stack.block
+    with pytest.warns(DeprecationWarning, match="now coarse_ranges"):
+        coarse = stack.coarse_blocks(2, 1)
+    return dict(blocks=blocks, block=block, coarse=coarse, ranges=stack.layer_ranges,
+                owned=stack.owned_range, coarse_ranges=stack.coarse_ranges(2, 1))
+
+
+def test_the_old_names_of_layer_ranges_still_answer_with_a_deprecation_warning():
+    """``blocks``/``block``/``coarse_blocks`` were the names of the ranks' layer ranges (a
+    "block" is a transformer block now); users' code that reads them keeps working."""
+    from xbraid_transformers.mgrit.clock import emulate
+    ranks = emulate(_old_and_new_range_names, 2, timeout=30.0)
+    assert [r["ranges"] for r in ranks] == [[(0, 4), (4, 8)]] * 2
+    assert [r["owned"] for r in ranks] == [(0, 4), (4, 8)]
+    assert [r["coarse_ranges"] for r in ranks] == [[(0, 2), (2, 4)]] * 2
+    for r in ranks:
+        assert (r["blocks"], r["block"], r["coarse"]) == (r["ranges"], r["owned"], r["coarse_ranges"])
+    # the solver's keyword and the adapters' class
+    from xbraid_transformers import adapters
+    from xbraid_transformers.mgrit import solve
+    with pytest.warns(DeprecationWarning, match="now LayerParallelBlockList"):
+        assert adapters.LayerParallelBlocks is adapters.LayerParallelBlockList
+    u0, config = torch.ones(3), xbt.MGRITConfig(levels=1)
+    with pytest.warns(DeprecationWarning, match=r"solve\(ranges=...\)"):
+        old = solve(lambda u, n, dt: u + dt * u, u0, 4, 0.25, config, blocks=[(0, 4)])
+    new = solve(lambda u, n, dt: u + dt * u, u0, 4, 0.25, config, ranges=[(0, 4)])
+    assert torch.equal(old.states[-1], new.states[-1])
+    assert torch.equal(new.states[-1], u0 * 1.25 ** 4)

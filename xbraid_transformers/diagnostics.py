@@ -15,6 +15,8 @@ from typing import Callable, List, Optional
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+__all__ = ["spectral_norm", "layer_lipschitz"]
+
 
 def spectral_norm(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, iters: int = 50,
                   rtol: float = 1e-6, generator: Optional[torch.Generator] = None) -> float:

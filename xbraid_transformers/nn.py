@@ -24,6 +24,9 @@ from .core.blocks import Rhs, check_pre_ln, decoder_rhs, encoder_decoder_rhs, en
 from .core.layer_parallel import LayerParallel
 from .mgrit.config import MGRITConfig
 
+__all__ = ["ODEStack", "LayerParallelTransformerEncoder", "LayerParallelTransformerDecoder",
+           "LayerParallelTransformer"]
+
 
 def _clones(layer: nn.Module, num_layers: int, what: str) -> list:
     check_pre_ln(layer)
@@ -43,7 +46,7 @@ def _buffers(buffer_layers, num_layers: int) -> Tuple[int, int]:
     return front, back
 
 
-def check_boundary(num_encoder_layers: int, config: MGRITConfig) -> None:
+def _check_boundary(num_encoder_layers: int, config: MGRITConfig) -> None:
     """The encoder/decoder boundary of a one-ODE transformer must be a C-point of every level."""
     spacing = config.coarsest_spacing
     if num_encoder_layers % spacing:
@@ -299,7 +302,7 @@ class LayerParallelTransformer(ODEStack):
         if encoder_norm is not None and not isinstance(encoder_norm, nn.LayerNorm):
             raise ValueError(f"encoder_norm must be an nn.LayerNorm or None (it is evaluated inside "
                              f"the decoder's right-hand side), got {type(encoder_norm).__name__}")
-        check_boundary(num_encoder_layers, mgrit if mgrit is not None else MGRITConfig())
+        _check_boundary(num_encoder_layers, mgrit if mgrit is not None else MGRITConfig())
         super().__init__(layers, encoder_decoder_rhs, step_size=step_size, mgrit=mgrit,
                          dropout_seed=dropout_seed, autocast=autocast, compile=compile, comm=comm)
         self.batch_first = encoder_layer.self_attn.batch_first
@@ -318,7 +321,7 @@ class LayerParallelTransformer(ODEStack):
         return ours
 
     def configure(self, **changes) -> None:
-        check_boundary(self.num_encoder_layers, dataclasses.replace(self.stack.mgrit, **changes))
+        _check_boundary(self.num_encoder_layers, dataclasses.replace(self.stack.mgrit, **changes))
         self.stack.configure(**changes)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor,
@@ -340,7 +343,7 @@ class LayerParallelTransformer(ODEStack):
                 memory_is_causal=False):
         _check_input("src", src, self.d_model)
         _check_input("tgt", tgt, self.d_model)
-        check_boundary(self.num_encoder_layers, self.stack.mgrit)
+        _check_boundary(self.num_encoder_layers, self.stack.mgrit)
         seq_dim = 1 if (self.batch_first and src.dim() == 3) else 0
         batch_dim = 1 - seq_dim
         if src.dim() != tgt.dim() or (src.dim() == 3 and src.shape[batch_dim] != tgt.shape[batch_dim]):

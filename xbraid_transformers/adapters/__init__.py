@@ -7,18 +7,18 @@
     xbt.restore_blocks(model).save_pretrained("out")      # plain blocks, original keys
 
 The block list (``transformer.h``, ``model.layers``, ``vit.layers``, ``blocks``) becomes one
-``LayerParallelBlocks`` module: x_{n+1} = x_n + h F_n(x_n) with F_n(x) = block_n(x) - x, solved
+``LayerParallelBlockList`` module: x_{n+1} = x_n + h F_n(x_n) with F_n(x) = block_n(x) - x, solved
 by MGRIT or serially (``set_parallel``). ``AdaptiveCallback`` runs ``xbt.AdaptiveController``
 inside ``transformers.Trainer``. See docs/adapters.md. transformers and timm are optional:
 nothing here imports them until ``AdaptiveCallback`` is used.
 """
-from ._blocks import LayerParallelBlocks
+from ._blocks import LayerParallelBlockList
 from ._registry import Family, post_norm_reason
 from ._locate import FAMILIES
 from ._wrap import make_layer_parallel, restore_blocks, set_parallel, wrapped_blocks
 
 __all__ = ["make_layer_parallel", "restore_blocks", "set_parallel", "wrapped_blocks",
-           "LayerParallelBlocks", "Family", "FAMILIES", "post_norm_reason", "AdaptiveCallback"]
+           "LayerParallelBlockList", "Family", "FAMILIES", "post_norm_reason", "AdaptiveCallback"]
 
 
 def __getattr__(name: str):
@@ -27,4 +27,9 @@ def __getattr__(name: str):
     if name == "AdaptiveCallback":
         from ._trainer_callback import AdaptiveCallback
         return AdaptiveCallback
+    if name == "LayerParallelBlocks":     # its former name
+        import warnings
+        warnings.warn("xbraid_transformers.adapters.LayerParallelBlocks is now LayerParallelBlockList",
+                      DeprecationWarning, stacklevel=2)
+        return LayerParallelBlockList
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """The stand-in for a model's block list: one layer-parallel ODE stack.
 
-``LayerParallelBlocks`` takes the place of the ``nn.ModuleList`` / ``nn.Sequential`` of blocks
+``LayerParallelBlockList`` takes the place of the ``nn.ModuleList`` / ``nn.Sequential`` of blocks
 inside a user's model. The model's own forward keeps working because the stand-in is a
 one-element sequence holding the whole stack: ``for block in self.h``, ``self.layers[:n]`` and
 ``self.blocks(x)`` all run every block once, as one ODE solve. The arguments the model passes
@@ -95,7 +95,7 @@ def rename_before_load(module, state_dict, prefix, *args) -> None:
     module.internal_state_keys(state_dict, prefix)
 
 
-class LayerParallelBlocks(ODEStack):
+class LayerParallelBlockList(ODEStack):
     """A model's block list as one ODE stack: ``front`` buffer blocks (serial, step 1), the
     ``stack`` (a ``LayerParallel``, step h, MGRIT or serial) and ``back`` buffer blocks.
 

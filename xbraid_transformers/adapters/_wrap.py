@@ -8,7 +8,7 @@ from torch import nn
 
 from ..core.layer_parallel import find_stacks
 from ..mgrit.config import MGRITConfig
-from ._blocks import LayerParallelBlocks
+from ._blocks import LayerParallelBlockList
 from ._locate import hf_config, locate_blocks
 
 # The HF config entry that records how the blocks were run (saved with save_pretrained), so
@@ -52,7 +52,7 @@ def make_layer_parallel(model: nn.Module, blocks: Optional[str] = None, *,
         step_size = recorded.get("step_size")
     if buffer_layers is None:
         buffer_layers = tuple(recorded.get("buffer_layers", (0, 0)))
-    wrapper = LayerParallelBlocks(list(container), container_type=type(container),
+    wrapper = LayerParallelBlockList(list(container), container_type=type(container),
                                   family=family.name if family else "generic", mgrit=mgrit,
                                   step_size=step_size, buffer_layers=buffer_layers,
                                   dropout_seed=dropout_seed, comm=comm)
@@ -76,7 +76,7 @@ def restore_blocks(model: nn.Module) -> nn.Module:
     trained network again (for timm models pass ``step_size=h`` yourself). On a distributed
     model use ``xbt.gather_state_dict`` instead (this rank lacks the other ranks' blocks).
     Returns ``model``."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LayerParallelBlocks)]
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LayerParallelBlockList)]
     if not found:
         raise ValueError(f"{type(model).__name__} has no layer-parallel block list to restore")
     config = hf_config(model)
@@ -94,6 +94,6 @@ def set_parallel(model: nn.Module, parallel: bool = True) -> nn.Module:
     return model
 
 
-def wrapped_blocks(model: nn.Module) -> List[LayerParallelBlocks]:
+def wrapped_blocks(model: nn.Module) -> List[LayerParallelBlockList]:
     """The layer-parallel block lists inside ``model``."""
-    return [m for m in model.modules() if isinstance(m, LayerParallelBlocks)]
+    return [m for m in model.modules() if isinstance(m, LayerParallelBlockList)]

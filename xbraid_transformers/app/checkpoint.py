@@ -22,6 +22,10 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
+__all__ = ["FORMAT", "VERSION", "READABLE", "REQUIRED", "CHECKSUM", "CheckpointError",
+           "CheckpointWriteError", "save_checkpoint", "load_checkpoint", "rng_state",
+           "set_rng_state"]
+
 FORMAT = "xbraid_transformers-checkpoint"
 VERSION = 3   # 2: the optimizer state is keyed by parameter name; 3: a content checksum
 READABLE = (2, 3)
@@ -44,7 +48,7 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **state}
-    payload[CHECKSUM] = content_digest(payload)
+    payload[CHECKSUM] = _content_digest(payload)
     fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(_tmp_prefix(path))}{os.getpid()}-",
                                dir=directory)
     try:
@@ -95,7 +99,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def content_digest(state: Any) -> str:
+def _content_digest(state: Any) -> str:
     """SHA-256 of a checkpoint's content: the structure, every value's repr and every tensor's
     dtype, shape and bytes, in order. Equal for a state and its ``torch.load`` round trip."""
     digest = hashlib.sha256()
@@ -144,7 +148,7 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     expected = state.pop(CHECKSUM, None)
     if expected is None and state["version"] >= 3:
         raise CheckpointError(f"checkpoint {path!r} lacks its checksum: the file is damaged")
-    if expected is not None and content_digest(state) != expected:
+    if expected is not None and _content_digest(state) != expected:
         raise CheckpointError(f"checkpoint {path!r} is corrupt: its content does not match the "
                               f"checksum stored in it (damaged on disk or in transfer)")
     missing = [k for k in REQUIRED if k not in state]

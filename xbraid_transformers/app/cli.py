@@ -41,6 +41,8 @@ from .runs import make_configs, run_emulated, run_spawned, run_training
 from .tasks import TASKS, TaskConfig
 from .trainer import TrainConfig
 
+__all__ = ["build_parser", "option_values", "Runner", "main"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xbt", description=__doc__.splitlines()[0],
@@ -128,7 +130,7 @@ class Runner:
         return run_training(task_cfg, train_cfg, threads=self.threads, comm=self.comm)
 
 
-def cmd_train(args, parser) -> int:
+def _cmd_train(args, parser) -> int:
     values = option_values(args)
     out = args.out or os.path.join("runs", f"{args.task}-{args.mode}")
     checkpoint = os.path.join(out, CHECKPOINT)
@@ -211,7 +213,7 @@ def _configs_or_error(parser, args, values, mode, out, *options, **keywords):
     return task_cfg, train_cfg
 
 
-def cmd_compare(args, parser) -> int:
+def _cmd_compare(args, parser) -> int:
     from .report import write_report
     values = option_values(args, quick=args.quick)
     if args.eval_every is None and not values["eval_every"]:
@@ -267,7 +269,7 @@ def cmd_compare(args, parser) -> int:
     return 0
 
 
-def cmd_reproduce(args, parser) -> int:
+def _cmd_reproduce(args, parser) -> int:
     import torch
 
     from .reproduce import EXPERIMENTS, reproduce
@@ -291,7 +293,7 @@ def _remove_run_files(out_dir: str) -> None:
             os.remove(path)
 
 
-def cmd_info(args, parser) -> int:
+def _cmd_info(args, parser) -> int:
     import importlib.util
     import platform
 
@@ -352,8 +354,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    command = {"train": cmd_train, "compare": cmd_compare, "reproduce": cmd_reproduce,
-               "info": cmd_info}[args.command]
+    command = {"train": _cmd_train, "compare": _cmd_compare, "reproduce": _cmd_reproduce,
+               "info": _cmd_info}[args.command]
     from ..distributed import SpawnError, SpawnInterrupted
     try:
         return command(args, parser)

@@ -13,6 +13,8 @@ import dataclasses
 from ..control import ControlConfig
 from ..mgrit.config import MGRITConfig
 
+__all__ = ["TABLE", "DEFAULTS", "default_mgrit", "markdown_table"]
+
 _CONTROL = {f.name: f.default for f in dataclasses.fields(ControlConfig)
             if f.name in ("probe_every", "trigger", "threshold", "grad_threshold", "action", "max_iters",
                           "floor")}

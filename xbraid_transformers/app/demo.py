@@ -19,6 +19,8 @@ from torch import nn
 from ..mgrit.config import MGRITConfig
 from ..nn import LayerParallelTransformerEncoder
 
+__all__ = ["HistogramModel", "batch", "main"]
+
 
 class HistogramModel(nn.Module):
     def __init__(self, vocab: int, seq_len: int, d_model: int, layers: int, mgrit: MGRITConfig):

@@ -13,15 +13,12 @@ import os
 import statistics
 from typing import Dict, List, Optional
 
-COLORS = {"serial": "tab:blue", "parallel": "tab:red", "adaptive": "tab:green"}
+from ..formatting import format_number
 
+__all__ = ["REL_TOL", "tolerance", "reached_at", "target_loss", "time_to_target", "table", "figure",
+           "write_report"]
 
-def _fmt(x, digits=4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1e-3 else f"{x:.{digits}f}"
-    return str(x)
+_COLORS = {"serial": "tab:blue", "parallel": "tab:red", "adaptive": "tab:green"}
 
 
 #: The target of a comparison: serial's final evaluation loss plus the larger of this fraction of
@@ -72,11 +69,13 @@ def table(runs: Dict[str, dict]) -> str:
         status = f"diverged ({s['diverged']})" if s.get("diverged") else "finished"
         reached = time_to_target(s, target)
         speedup = f"{serial / reached:.2f}x" if serial and reached else "-"
-        lines.append(f"| {name} | {_fmt(s.get('final_loss'))} | {_fmt(s.get('final_eval_loss'))} "
-                     f"| {_fmt(s.get('seconds_per_step'), 3)} "
-                     f"| {_fmt(s.get('virtual_seconds_per_step'), 3)} "
-                     f"| {'never' if reached is None else _fmt(reached, 3)} | {speedup} "
-                     f"| {'-' if switch is None else switch} | {status} |")
+        loss, eval_loss, wall, virtual = (
+            format_number(s.get(key), digits, decimals=True) for key, digits in (
+                ("final_loss", 4), ("final_eval_loss", 4), ("seconds_per_step", 3),
+                ("virtual_seconds_per_step", 3)))
+        lines.append(f"| {name} | {loss} | {eval_loss} | {wall} | {virtual} "
+                     f"| {'never' if reached is None else format_number(reached, 3, decimals=True)} "
+                     f"| {speedup} | {'-' if switch is None else switch} | {status} |")
     return "\n".join(lines)
 
 
@@ -105,14 +104,14 @@ def _probes(summary: dict) -> List[dict]:
     return summary.get("decisions") or []
 
 
-def plot_losses(path: str, runs: Dict[str, dict]) -> None:
+def _plot_losses(path: str, runs: Dict[str, dict]) -> None:
     with figure(path, figsize=(7, 4)) as (fig, ax):
         for name, s in runs.items():
             steps = [r["step"] for r in s["history"]]
-            ax.plot(steps, [r["loss"] for r in s["history"]], label=name, color=COLORS.get(name),
+            ax.plot(steps, [r["loss"] for r in s["history"]], label=name, color=_COLORS.get(name),
                     lw=1)
             if s.get("switch_step") is not None:
-                ax.axvline(s["switch_step"], color=COLORS.get(name, "k"), ls=":", lw=1,
+                ax.axvline(s["switch_step"], color=_COLORS.get(name, "k"), ls=":", lw=1,
                            label=f"{name} switches to serial")
         ax.set_xlabel("batch")
         ax.set_ylabel("training loss")
@@ -121,7 +120,7 @@ def plot_losses(path: str, runs: Dict[str, dict]) -> None:
         ax.set_title("Training loss")
 
 
-def plot_rho(path: str, runs: Dict[str, dict], threshold: float) -> None:
+def _plot_rho(path: str, runs: Dict[str, dict], threshold: float) -> None:
     with figure(path, figsize=(7, 4)) as (fig, ax):
         for name, s in runs.items():
             for direction, marker in (("forward", "o"), ("backward", "s")):
@@ -129,7 +128,7 @@ def plot_rho(path: str, runs: Dict[str, dict], threshold: float) -> None:
                           if d["rho"][direction] is not None]
                 if points:
                     xs, ys = zip(*points)
-                    ax.plot(xs, ys, marker=marker, ms=3, lw=1, color=COLORS.get(name),
+                    ax.plot(xs, ys, marker=marker, ms=3, lw=1, color=_COLORS.get(name),
                             ls="-" if direction == "forward" else "--", label=f"{name} {direction}")
         ax.axhline(threshold, color="k", ls=":", lw=1, label=f"threshold {threshold:g}")
         ax.set_xlabel("batch")
@@ -139,7 +138,7 @@ def plot_rho(path: str, runs: Dict[str, dict], threshold: float) -> None:
         ax.set_title("MGRIT convergence factor at the probes")
 
 
-def plot_residuals(path: str, runs: Dict[str, dict], max_curves: int = 6) -> None:
+def _plot_residuals(path: str, runs: Dict[str, dict], max_curves: int = 6) -> None:
     with figure(path, ncols=2, figsize=(10, 4)) as (fig, axes):
         for ax, direction in zip(axes, ("forward", "backward")):
             for name, s in runs.items():
@@ -151,7 +150,7 @@ def plot_residuals(path: str, runs: Dict[str, dict], max_curves: int = 6) -> Non
                             continue
                         shade = 0.3 + 0.7 * (i + 1) / len(pick)
                         ax.plot(range(1, len(m["residuals"]) + 1), m["residuals"], marker="o", ms=3,
-                                color=COLORS.get(name), alpha=shade, lw=1,
+                                color=_COLORS.get(name), alpha=shade, lw=1,
                                 label=f"{name} batch {d['step']}")
             ax.set_yscale("log")
             ax.set_xlabel("MGRIT iteration with a residual")
@@ -164,9 +163,9 @@ def write_report(out_dir: str, runs: Dict[str, dict], threshold: float, title: s
                  notes: Optional[List[str]] = None) -> str:
     """Write report.md and the three plots into ``out_dir``; returns the report's path."""
     os.makedirs(out_dir, exist_ok=True)
-    plot_losses(os.path.join(out_dir, "loss.png"), runs)
-    plot_rho(os.path.join(out_dir, "rho.png"), runs, threshold)
-    plot_residuals(os.path.join(out_dir, "residuals.png"), runs)
+    _plot_losses(os.path.join(out_dir, "loss.png"), runs)
+    _plot_rho(os.path.join(out_dir, "rho.png"), runs, threshold)
+    _plot_residuals(os.path.join(out_dir, "residuals.png"), runs)
     lines = [f"# {title}", "", table(runs), ""]
     for name, s in runs.items():
         switch = s.get("switch_step")

@@ -24,6 +24,8 @@ from .rundir import read_run
 from .tasks import TaskConfig, build_task
 from .trainer import TrainConfig, Trainer, seed_everything
 
+__all__ = ["make_configs", "run_training", "run_emulated", "run_spawned"]
+
 
 def make_configs(values: dict, task: str, mode: str, out: Optional[str], resume=None,
                  progress=None, tensorboard=False, monitor=False):
@@ -78,7 +80,7 @@ def run_emulated(task_cfg: TaskConfig, train_cfg: TrainConfig, nprocs: int,
     for handler in handlers:
         handler.addFilter(quiet)
     try:
-        return emulate(run_on_rank, nprocs, task_cfg, train_cfg, until, 1)[0]
+        return emulate(_run_on_rank, nprocs, task_cfg, train_cfg, until, 1)[0]
     finally:
         torch.set_num_threads(threads)
         for handler in handlers:
@@ -99,11 +101,11 @@ def run_spawned(task_cfg: TaskConfig, train_cfg: TrainConfig, nprocs: int, threa
     from ..distributed import spawn
     # no limit on the whole run (a dead or hung rank is caught by the per-operation timeout);
     # rank 0's progress lines are printed here
-    spawn(run_on_rank, nprocs, task_cfg, train_cfg, None, threads, join_timeout=math.inf,
+    spawn(_run_on_rank, nprocs, task_cfg, train_cfg, None, threads, join_timeout=math.inf,
           forward_logs=True)
     return read_run(train_cfg.out_dir)
 
 
-def run_on_rank(comm, *args):
+def _run_on_rank(comm, *args):
     """Worker entry of ``--nprocs`` (module level, so picklable)."""
     return run_training(*args, comm=comm)

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -41,17 +40,17 @@ import torch
 
 from ..control import AdaptiveController, ControlConfig
 from ..core.layer_parallel import LayerParallel, find_stacks
-from ..distributed import clip_grad_norm_, gather_named, gather_optimizer_state, gather_state_dict, load_optimizer_state
+from ..distributed import clip_grad_norm_
 from ..mgrit.comm import SERIAL, Communicator
 from ..mgrit.solver import MGRITDivergenceError
 from ..multilevel import MultilevelConfig, MultilevelStepper
 from ..perf import VirtualClock, attach_clock
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .defaults import DEFAULTS
 from .optim import OPTIMIZERS, make_optimizer
-from .resume import adjustments, check_resumable, run_identity
 from .rundir import CHECKPOINT, RunFiles
 from .steps import ControllerHooks, MultilevelHooks, StepHooks
+from ._trainer_checkpoints import TrainerCheckpoints
+from ._trainer_output import TrainerOutput, tensorboard_writer
 from .tasks import Task
 
 __all__ = ["MODES", "TrainConfig", "Trainer", "seed_everything"]
@@ -142,7 +141,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def layer_parallel_group(modules: List[LayerParallel]) -> Communicator:
+def _layer_parallel_group(modules: List[LayerParallel]) -> Communicator:
     """The one layer-parallel group of a model's stacks (the trainer keeps every stack's ranks
     in step, so all must share it)."""
     comms = {(m.comm.rank, m.comm.size) for m in modules}
@@ -152,7 +151,7 @@ def layer_parallel_group(modules: List[LayerParallel]) -> Communicator:
     return modules[0].comm if modules else SERIAL
 
 
-class Trainer:
+class Trainer(TrainerCheckpoints, TrainerOutput):
     """Trains ``task.model`` on ``task``'s batches; see the module docstring. ``hooks``: step
     hooks of your own (``app.steps.StepHooks``), called after the run's controller and
     multilevel schedule."""
@@ -165,7 +164,7 @@ class Trainer:
         if config.virtual_time and not any(p.is_cuda for p in self.model.parameters()):
             timer = time.thread_time if torch.get_num_threads() == 1 else time.process_time
             self.clock = attach_clock(self.model, clock=VirtualClock(timer))
-        self.comm = layer_parallel_group(self.modules)
+        self.comm = _layer_parallel_group(self.modules)
         self.rank = self.comm.rank
         for module in self.modules:
             module.serial() if config.mode == "serial" else module.layer_parallel()
@@ -203,94 +202,6 @@ class Trainer:
             self.load(path)
         else:
             seed_everything(config.seed)
-
-    # ------------------------------------------------------------------ files
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def _write_record(self, record: dict) -> None:
-        self.files.append_record(record)
-        if self._writer is not None:
-            for key in ("loss", "lr", "rho_forward", "rho_backward", "eval_loss"):
-                if record.get(key) is not None:
-                    self._writer.add_scalar(key, record[key], record["step"])
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        return {"step": self.step, "model": gather_state_dict(self.model),
-                "optimizer": gather_optimizer_state(self.model, self.optimizer),
-                "scheduler": self.scheduler.state_dict(),
-                "controller": self.controller.state_dict() if self.controller else None,
-                "dropout": [m.dropout.state_dict() for m in self.modules],
-                "modes": [m.parallel for m in self.modules],
-                "multilevel": self._multilevel_state(),
-                "rng": rng_state(), "data": {"next_step": self.step},
-                "train_seconds": self.train_seconds, "virtual_seconds": self.virtual_seconds,
-                **run_identity(self.task.config, self.config)}
-
-    def _multilevel_state(self) -> Optional[dict]:
-        """The stepper's state, its per-parameter tensors gathered from every rank."""
-        if self.multilevel is None:
-            return None
-        return {k: gather_named(self.model, v) if isinstance(v, dict) else v
-                for k, v in self.multilevel.state_dict().items()}
-
-    def weights_finite(self) -> bool:
-        """Whether every parameter of the model, on every rank, is finite (collective)."""
-        bad = sum(int(not torch.isfinite(p).all()) for p in self.model.parameters())
-        if self.comm.size > 1:
-            bad = self.comm.allreduce_sum(float(bad))
-        return bad == 0
-
-    def save(self, path: Optional[str] = None) -> Optional[str]:
-        """Write the checkpoint (every rank calls it; rank 0 writes). Raises FloatingPointError,
-        writing nothing, when a weight is not finite: the previous checkpoint stays the one to
-        resume from."""
-        path = path or self.files.path(CHECKPOINT)
-        if path is None:
-            return None
-        if not self.weights_finite():
-            raise FloatingPointError(f"the weights are not finite after step {self.step - 1}; "
-                                     f"no checkpoint written")
-        state = self.state_dict()          # every rank: gathering the model is collective
-        if not self.is_main:
-            return None
-        save_checkpoint(path, state)
-        logger.info("checkpoint at step %d written to %s", self.step, path)
-        return path
-
-    def load(self, path: str) -> None:
-        state = load_checkpoint(path)
-        check_resumable(state, path, self.task.config, self.config)
-        self.model.load_state_dict(state["model"])
-        load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.multilevel is not None and state.get("multilevel") is not None:
-            self.multilevel.load_state_dict(state["multilevel"])
-        if self.controller is not None and state.get("controller"):
-            self.controller.load_state_dict(state["controller"])
-        for module, drop in zip(self.modules, state["dropout"]):
-            module.dropout.load_state_dict(drop)
-        set_rng_state(state["rng"])
-        self.step = int(state["data"]["next_step"])
-        self.train_seconds = float(state.get("train_seconds") or 0.0)
-        self.virtual_seconds = state.get("virtual_seconds")
-        self._resume_learning_rate(state, path)
-        self._resumed_record = self.files.trim_metrics(self.step, self.config.log_every)
-        logger.info("resumed from %s at step %d", path, self.step)
-
-    def _resume_learning_rate(self, state: dict, path: str) -> None:
-        """The loaded optimizer carries the checkpoint's learning rate; the schedule restarts
-        from this run's options (the same unless they were changed, which is said)."""
-        changes = adjustments(state, self.task.config, self.config, self.step)
-        if changes:
-            logger.warning("resuming %s with %s", path, changes)
-        scheduler = self.scheduler
-        scheduler.base_lrs = [self.config.lr for _ in scheduler.base_lrs]
-        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
-            group["initial_lr"] = self.config.lr
-            group["lr"] = self.config.lr * factor(scheduler.last_epoch)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -380,7 +291,7 @@ class Trainer:
             logger.warning("the checkpoint is at step %d and the run stops at step %d: nothing to "
                            "train (raise steps to continue)", self.step, stop)
         if cfg.tensorboard and self.is_main and cfg.out_dir:
-            self._writer = _tensorboard(cfg.out_dir)
+            self._writer = tensorboard_writer(cfg.out_dir)
         bar = self._progress(stop)
         first = self.step
         try:
@@ -427,71 +338,3 @@ class Trainer:
         self.diverged = f"step {self.step}: {error}"
         logger.error("training diverged at %s; no checkpoint of the diverged state is written",
                      self.diverged)
-
-    def finish(self) -> dict:
-        """Final evaluation and the summary JSON."""
-        summary = self.summary(final_eval=None if self.diverged else self.evaluate())
-        self.files.write_summary(summary)
-        if self._writer is not None:
-            self._writer.close()
-        return summary
-
-    def summary(self, final_eval: Optional[float] = None) -> dict:
-        ctl = self.controller
-        last = self.history[-1] if self.history else (self._resumed_record or {})
-        steps_done = max(self.step, 1)
-        return {"task": self.task.config.name, "mode": self.config.mode, "steps": self.step,
-                "final_loss": last.get("loss"), "final_eval_loss": final_eval,
-                "train_seconds": self.train_seconds,
-                "seconds_per_step": self.train_seconds / steps_done,
-                "virtual_seconds": self.virtual_seconds,
-                "virtual_seconds_per_step": (self.virtual_seconds / steps_done
-                                             if self.virtual_seconds is not None else None),
-                "switch_step": ctl.switch_step if ctl else None,
-                "decisions": [d.as_dict() for d in ctl.decisions] if ctl else [],
-                "diverged": self.diverged, "config": _plain(dataclasses.asdict(self.config))}
-
-    # ------------------------------------------------------------------ progress
-    def _progress(self, stop: int):
-        if not self.is_main:
-            return None
-        show = self.config.progress
-        if show is None:
-            show = sys.stderr.isatty()
-        if not show:
-            return None
-        from tqdm.auto import tqdm
-        return tqdm(total=stop, initial=self.step, desc=self.config.mode, dynamic_ncols=True)
-
-    def _report(self, bar, record: dict, stop: int) -> None:
-        if not self.is_main:
-            return
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", mode=record["mode"], refresh=False)
-        elif record["step"] % self.config.print_every == 0 or record["step"] == stop - 1:
-            view = f" layers {record['offset']}::{record['stride']}" if record.get("stride", 1) > 1 else ""
-            logger.info("%s step %d/%d loss %.4f lr %.2e mode %s iters %d/%d%s%s", self.config.mode,
-                        record["step"] + 1, stop, record["loss"], record["lr"], record["mode"],
-                        record["fwd_iters"], record["bwd_iters"], view,
-                        f" eval {record['eval_loss']:.4f}" if "eval_loss" in record else "")
-
-
-def _tensorboard(out_dir: str):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as error:
-        raise RuntimeError("TensorBoard logging needs the tensorboard package: "
-                           "pip install tensorboard") from error
-    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
-
-
-def _plain(value):
-    """Config dicts as JSON-safe data (callables and dtypes as their repr)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return repr(value)

@@ -28,7 +28,7 @@ What crosses the threshold is the ``trigger``:
   per probe. The optimizer's trajectory is that of the rho trigger until the first switch
   (with ``warm_start`` the probe pass starts from the reference pass's states instead).
 
-Usage (exactly this order; ``app/trainer.py`` does it through :class:`ControllerSteps`)::
+Usage (exactly this order; ``app/trainer.py`` does it through ``app.steps.ControllerHooks``)::
 
     ctl = AdaptiveController(model, probe_every=500, threshold=1.0, action="serial")
     for batch in batches:

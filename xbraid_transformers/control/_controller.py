@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from ..core.layer_parallel import LayerParallel, find_stacks
+from ..formatting import format_number
 from ._config import ControlConfig
 from ._evidence import Decision, Measurement, Probe
-from ._policy import decide, fmt
+from ._policy import decide
 
 __all__ = ["AdaptiveController"]
 
@@ -125,8 +126,10 @@ class AdaptiveController:
         rho = decision.rho
         logger.log(logging.WARNING if action in ("serial", "increase", "at-cap") else logging.INFO,
                    "step %d probe: rho forward %s, backward %s%s -> %s (%s)", self.step,
-                   fmt(rho["forward"]), fmt(rho["backward"]),
-                   "" if gradient is None else f", gradient error {fmt(gradient['relative_error'])}",
+                   format_number(rho["forward"], missing="n/a"),
+                   format_number(rho["backward"], missing="n/a"),
+                   "" if gradient is None else
+                   f", gradient error {format_number(gradient['relative_error'], missing='n/a')}",
                    action, reason)
         return decision
 

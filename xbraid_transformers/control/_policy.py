@@ -10,14 +10,11 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
+from ..formatting import format_number
 from ._config import ControlConfig
 from ._evidence import Measurement
 
-__all__ = ["decide", "fmt"]
-
-
-def fmt(x: Optional[float]) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
+__all__ = ["decide"]
 
 
 def decide(config: ControlConfig, measurements: List[Measurement], gradient: Optional[dict],
@@ -29,7 +26,7 @@ def decide(config: ControlConfig, measurements: List[Measurement], gradient: Opt
         error = gradient["relative_error"]
         evidence = (f"relative gradient error {error:.4g} "
                     f"(iterations {gradient['production_iters']} vs probe {gradient['probe_iters']}, "
-                    f"cosine {fmt(gradient['cosine'])})")
+                    f"cosine {format_number(gradient['cosine'], missing='n/a')})")
         if math.isnan(error) or not error > config.grad_threshold:
             return "none", evidence.replace(" (", f" <= {config.grad_threshold:g} (", 1), iters
         return _act(config, evidence.replace(" (", f" > {config.grad_threshold:g} (", 1),

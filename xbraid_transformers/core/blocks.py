@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["Rhs", "check_pre_ln", "encoder_rhs", "decoder_rhs", "encoder_decoder_rhs", "wrap_rhs"]
+
 Rhs = Callable[..., torch.Tensor]
 
 
@@ -89,7 +91,7 @@ def encoder_decoder_rhs(layer: nn.Module, z: torch.Tensor, *, src_len: int, seq_
     return torch.cat([f, torch.zeros_like(y)], dim=seq_dim)
 
 
-def with_autocast(rhs: Rhs, dtype: torch.dtype) -> Rhs:
+def _with_autocast(rhs: Rhs, dtype: torch.dtype) -> Rhs:
     """Evaluate ``rhs`` under ``torch.autocast(dtype)``; F is returned in the state's dtype, so
     the states (and MGRIT's residuals) stay in full precision."""
 
@@ -111,7 +113,7 @@ def wrap_rhs(rhs: Rhs, autocast: Optional[torch.dtype] = None, compile: bool = F
         if not isinstance(autocast, torch.dtype) or not autocast.is_floating_point:
             raise ValueError(f"autocast must be a floating-point torch.dtype such as "
                              f"torch.bfloat16, got {autocast!r}")
-        rhs = with_autocast(rhs, autocast)
+        rhs = _with_autocast(rhs, autocast)
     if compile:
         rhs = torch.compile(rhs)
     return rhs

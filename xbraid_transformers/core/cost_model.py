@@ -9,17 +9,19 @@ from ..mgrit.layout import Layout, layout, mirrored
 from .counts import StepCounts
 from .ownership import Partition, partition_layers
 
+__all__ = ["cost_model"]
+
 # A sweep of one solve: (phase, level, points), points being which points of the level it
 # evaluates: "F" (the F-points), "C" (the C-points but the block's first), "all" (every point
 # but the block's first) or "chain" (every point, relayed along the ranks: the serial solve).
-Sweep = Tuple[str, int, str]
+_Sweep = Tuple[str, int, str]
 
 
-def solve_sweeps(config: MGRITConfig, iterations: int, skip_first: bool) -> List[Sweep]:
+def _solve_sweeps(config: MGRITConfig, iterations: int, skip_first: bool) -> List[_Sweep]:
     """The sweeps of one ``mgrit.solve`` with a fixed number of iterations (tol = 0), in the
     solver's order; the phases are those of XBraid's cycle."""
     coarsest = config.levels - 1
-    sweeps: List[Sweep] = []
+    sweeps: List[_Sweep] = []
 
     def cycle(l: int, kind: str, skip: bool) -> None:
         if l == coarsest:
@@ -91,7 +93,7 @@ def cost_model(num_layers: int, nprocs: int, levels: int, cfactor: Union[int, Se
                step_costs: Optional[Dict[str, float]] = None) -> dict:
     """Step evaluations of one layer-parallel training step of ``num_layers`` layers on
     ``nprocs`` ranks (fixed iterations, no tolerance), counted sweep by sweep as the solver
-    spends them (``solve_sweeps``), on the layout the solver uses (``mgrit.layout``: balanced
+    spends them (``_solve_sweeps``), on the layout the solver uses (``mgrit.layout``: balanced
     fine blocks, each coarse interval on the rank of its first layer).
 
     step_costs: the price of one step of each kind, in any unit: ``forward``,
@@ -123,8 +125,8 @@ def cost_model(num_layers: int, nprocs: int, levels: int, cfactor: Union[int, Se
     # the adjoint runs the ranks backwards: position i of its layout is rank nprocs - 1 - i
     layouts = {"forward": (layout(num_layers, blocks, config.cfactors, "first"), False),
                "adjoint": (layout(num_layers, mirrored(num_layers, blocks), config.cfactors, "last"), True)}
-    ledgers = {"forward": solve_sweeps(config, fwd_iters, skip_first_downcycle),
-               "adjoint": solve_sweeps(config, bwd_iters, skip_first_downcycle)}
+    ledgers = {"forward": _solve_sweeps(config, fwd_iters, skip_first_downcycle),
+               "adjoint": _solve_sweeps(config, bwd_iters, skip_first_downcycle)}
 
     per_rank = [StepCounts() for _ in blocks]
     phases: Dict[str, float] = {}

@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 
+__all__ = ["layer_seed", "DropoutSync"]
+
 _MASK64 = (1 << 63) - 1
 
 

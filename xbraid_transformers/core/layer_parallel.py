@@ -11,24 +11,24 @@ through ``torch.autograd.Function`` so that autograd accumulates them into ``.gr
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import itertools
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..mgrit import solve
 from ..mgrit.comm import Communicator
 from ..mgrit.comm_backends import as_communicator
 from ..mgrit.config import MGRITConfig
-from ..mgrit.layout import mirrored
 from .blocks import Rhs
-from .counts import StepCounts
+from .counts import SolveStats, StepCounts
 from .dropout import DropoutSync
-from .ownership import RemoteLayer, check_agreement, config_key, content_checksum, layer_key, partition_layers
+from ._coarse_view import CoarseViews
+from ._stack_call import MGRITFunction, StackCall, WarmStarts, check_call
+from .ownership import RemoteLayer, check_agreement, config_key, layer_key, partition_layers
+
+__all__ = ["named_stacks", "find_stacks", "LayerParallel", "SolveStats"]
 
 
 def _call_layer(layer: nn.Module, x: torch.Tensor, **ctx) -> torch.Tensor:
@@ -45,30 +45,7 @@ def find_stacks(model: nn.Module) -> List["LayerParallel"]:
     return [m for _, m in named_stacks(model)]
 
 
-@dataclass
-class SolveStats:
-    """Diagnostics of the last forward and backward solve (empty lists in serial mode)."""
-
-    mode: str = "parallel"
-    fwd_iters: int = 0
-    bwd_iters: int = 0
-    fwd_residuals: List[float] = field(default_factory=list)
-    bwd_residuals: List[float] = field(default_factory=list)
-
-    @property
-    def fwd_factors(self) -> List[float]:
-        return _factors(self.fwd_residuals)
-
-    @property
-    def bwd_factors(self) -> List[float]:
-        return _factors(self.bwd_residuals)
-
-
-def _factors(r):
-    return [r[i + 1] / r[i] if r[i] > 0 else float("nan") for i in range(len(r) - 1)]
-
-
-class LayerParallel(nn.Module):
+class LayerParallel(CoarseViews, nn.Module):
     """A stack of ODE steps x + h F_n(x) solved by MGRIT (or serially).
 
     layers: one module per step, holding that step's parameters.
@@ -85,9 +62,9 @@ class LayerParallel(nn.Module):
     on every level and in the adjoint; tensors among them that require grad get their gradient.
 
     comm: the layer-parallel group (None: this process alone; an xbt ``Communicator``, a
-    torch.distributed process group or an mpi4py communicator). Rank r owns the r-th block of
-    layers (``partition``: None balances the blocks to within one layer, ``"even"`` demands
-    equal blocks, or a list of layer counts per rank); any MGRIT hierarchy that fits the layers
+    torch.distributed process group or an mpi4py communicator). Rank r owns the r-th range of
+    layers, ``layer_ranges[r]`` (``partition``: None balances the ranges to within one layer,
+    ``"even"`` demands equal ranges, or a list of layer counts per rank); any MGRIT hierarchy that fits the layers
     runs on any number of ranks up to the number of layers (a coarse interval is evaluated by
     the rank that owns its first layer, so coarse levels live on fewer ranks when they have
     fewer points); the other layers become
@@ -113,7 +90,7 @@ class LayerParallel(nn.Module):
         if num_layers == 0:
             raise ValueError("LayerParallel needs at least one layer")
         self.comm = as_communicator(comm)
-        self.blocks = None   # [(lo, hi)] of every rank when distributed
+        self.layer_ranges = None   # the fine layers [(lo, hi)] of every rank when distributed
         self._num_layers = num_layers
         self.rhs = rhs or _call_layer
         self.step_size = 1.0 / num_layers if step_size is None else float(step_size)
@@ -131,7 +108,7 @@ class LayerParallel(nn.Module):
         self.retain_graph = False
         self.stats = SolveStats()
         self.counts = StepCounts()
-        self._warm: Dict[str, List[torch.Tensor]] = {}
+        self.warm_starts = WarmStarts()
 
     def _distribute(self, config: MGRITConfig, partition, dropout_seed) -> None:
         comm, num_layers = self.comm, len(self.layers)
@@ -142,25 +119,25 @@ class LayerParallel(nn.Module):
             "the MGRIT options": config_key(config), "the partition": partition,
             "the layer structure": [layer_key(layer) for layer in self.layers],
             "the dropout seed": dropout_seed}, "when building LayerParallel")
-        self.blocks = partition_layers(num_layers, config.coarsest_spacing, comm.size, partition)
-        lo, hi = self.blocks[comm.rank]
+        self.layer_ranges = partition_layers(num_layers, config.coarsest_spacing, comm.size, partition)
+        lo, hi = self.layer_ranges[comm.rank]
         for n, layer in enumerate(self.layers):
             if not lo <= n < hi:
-                owner = next(r for r, (a, b) in enumerate(self.blocks) if a <= n < b)
+                owner = next(r for r, (a, b) in enumerate(self.layer_ranges) if a <= n < b)
                 self.layers[n] = RemoteLayer(n, owner, layer)
 
     @property
-    def block(self):
+    def owned_range(self) -> Tuple[int, int]:
         """The fine layers ``(lo, hi)`` this rank owns (all of them on a single process)."""
-        if self.blocks is None:
+        if self.layer_ranges is None:
             return 0, len(self.layers)
         if len(self.layers) != self._num_layers:
             raise RuntimeError("the layers of a distributed LayerParallel cannot be replaced")
-        return self.blocks[self.comm.rank]
+        return self.layer_ranges[self.comm.rank]
 
     @property
     def owned_layers(self) -> range:
-        return range(*self.block)
+        return range(*self.owned_range)
 
     # ------------------------------------------------------------------ modes
     @property
@@ -175,7 +152,7 @@ class LayerParallel(nn.Module):
                 f"{len(self.layers)} layers cannot be split into coarsest-level intervals of "
                 f"{spacing} layers (levels={config.levels}, cfactors={config.cfactors}); the "
                 "number of layers must be a multiple of the product of the cfactors")
-        # any blocks of the ranks fit: each coarse interval is evaluated by the owner of its
+        # any layer ranges of the ranks fit: each coarse interval is evaluated by the owner of its
         # first layer, whichever rank that is (mgrit.layout)
         self._mgrit = config
 
@@ -183,6 +160,25 @@ class LayerParallel(nn.Module):
     def parallel(self) -> bool:
         """Whether forward and backward are MGRIT solves (False: exact serial propagation)."""
         return self._parallel
+
+    # deprecated names of the ranks' layer ranges (a "block" is a transformer block)
+    @property
+    def blocks(self):
+        """Deprecated name of ``layer_ranges``."""
+        warnings.warn("LayerParallel.blocks is now layer_ranges", DeprecationWarning, stacklevel=2)
+        return self.layer_ranges
+
+    @property
+    def block(self) -> Tuple[int, int]:
+        """Deprecated name of ``owned_range``."""
+        warnings.warn("LayerParallel.block is now owned_range", DeprecationWarning, stacklevel=2)
+        return self.owned_range
+
+    def coarse_blocks(self, stride: int, offset: int = 0):
+        """Deprecated name of ``coarse_ranges``."""
+        warnings.warn("LayerParallel.coarse_blocks is now coarse_ranges", DeprecationWarning,
+                      stacklevel=2)
+        return self.coarse_ranges(stride, offset)
 
     def serial(self) -> "LayerParallel":
         """Exact training: the layers run one after another through autograd."""
@@ -200,63 +196,12 @@ class LayerParallel(nn.Module):
     # ------------------------------------------------------------------ extension points
     def wrap_comm(self, wrap: Callable[[Communicator], Communicator]) -> None:
         """Route this stack's messages through ``wrap(comm)`` (e.g. a virtual clock). The
-        wrapper must keep the rank and the size: the layer blocks were split for them."""
+        wrapper must keep the rank and the size: the layer ranges were split for them."""
         comm = wrap(self.comm)
         if (comm.rank, comm.size) != (self.comm.rank, self.comm.size):
             raise ValueError(f"wrap_comm: the wrapper changed (rank, size) from "
                              f"{(self.comm.rank, self.comm.size)} to {(comm.rank, comm.size)}")
         self.comm = comm
-
-    def coarse_layers(self, stride: int, offset: int = 0) -> List[int]:
-        """The fine layers ``offset, offset + stride, ...`` of a coarse view (validated)."""
-        num_layers = len(self.layers)
-        if not isinstance(stride, int) or stride < 1 or not 0 <= offset < stride:
-            raise ValueError(
-                f"need stride >= 1 and 0 <= offset < stride, got stride={stride}, offset={offset}")
-        if num_layers % stride:
-            raise ValueError(f"{num_layers} layers cannot be coarsened by {stride}")
-        return list(range(offset, num_layers, stride))
-
-    def coarse_blocks(self, stride: int, offset: int = 0):
-        """The ranks' blocks of a coarse view's layers (rank r keeps the selected layers it
-        owns); None on a single process. Raises when a rank would be left without layers."""
-        self.coarse_layers(stride, offset)
-        if self.blocks is None:
-            return None
-        blocks = [(-(-(lo - offset) // stride), -(-(hi - offset) // stride))
-                  for lo, hi in self.blocks]
-        if any(lo == hi for lo, hi in blocks):
-            raise ValueError(f"a coarse view with stride {stride} leaves a rank without layers "
-                             f"(fine blocks {self.blocks}); use fewer ranks or a smaller stride")
-        return blocks
-
-    @contextlib.contextmanager
-    def coarse_view(self, stride: int, offset: int = 0) -> Iterator["LayerParallel"]:
-        """Inside the block this stack runs the layers ``offset::stride`` with step
-        ``stride * h``: a coarser forward-Euler discretisation of the same ODE. The layer
-        modules are shared, not copied. It stays layer-parallel when the MGRIT hierarchy fits
-        the coarse layers and the ranks' coarse blocks, and otherwise runs serially (relayed
-        along the ranks); each rank keeps the selected layers of its own block."""
-        keep = self.coarse_layers(stride, offset)
-        blocks = self.coarse_blocks(stride, offset)
-        saved = (self.layers, self.step_size, self.mgrit, self.parallel, self.blocks,
-                 self._num_layers)
-        fits = len(keep) % self.mgrit.coarsest_spacing == 0
-        self.layers = nn.ModuleList(self.layers[i] for i in keep)
-        self.blocks, self._num_layers = blocks, len(keep)
-        # through the setters: the options are checked against the coarse layers now in place
-        self.mgrit = self.mgrit if fits else MGRITConfig(levels=1)
-        self.step_size *= stride
-        self.set_parallel(self.parallel and fits)
-        self.reset_warm_start()
-        try:
-            yield self
-        finally:
-            layers, self.step_size, mgrit, parallel, self.blocks, self._num_layers = saved
-            self.layers = layers
-            self.mgrit = mgrit
-            self.set_parallel(parallel)
-            self.reset_warm_start()
 
     def configure(self, **changes) -> None:
         """Change MGRIT options in place, e.g. ``configure(fwd_iters=4)``."""
@@ -283,227 +228,13 @@ class LayerParallel(nn.Module):
             for n in range(len(self.layers)):
                 x = torch.add(x, self.rhs_at(n, x, ctx, micro_batch), alpha=h)
             return x
-        run = _Run(self, ctx, micro_batch)
+        run = StackCall(self, ctx, micro_batch)
         needs_grad = torch.is_grad_enabled() and bool(x.requires_grad or run.params or run.grad_ctx)
         if self.comm.size > 1:
-            needs_grad = self._check_call(x, ctx, micro_batch, run, needs_grad)
+            needs_grad = check_call(self, x, ctx, micro_batch, run, needs_grad)
         if needs_grad:
-            return _MGRITFunction.apply(run, x, *run.grad_ctx_values(), *run.params)
+            return MGRITFunction.apply(run, x, *run.grad_ctx_values(), *run.params)
         return run.forward(x, record=False)
 
-    def _check_call(self, x, ctx, micro_batch, run, needs_grad) -> bool:
-        """Every rank must make the same call; returns whether any rank needs gradients."""
-        ctx_key = sorted((k, tuple(v.shape) if torch.is_tensor(v) else repr(v)) for k, v in ctx.items())
-        fields = {
-            "the mode": (self.parallel, self.training, micro_batch, len(self.layers)),
-            "the MGRIT options": config_key(self.mgrit),
-            "the input": (tuple(x.shape), str(x.dtype)),
-            "the keyword arguments": (ctx_key, run.grad_ctx)}
-        if self.check_inputs:    # same shapes but different data would give rank 0's answer everywhere
-            fields["the input values"] = content_checksum(x)
-            fields["the keyword tensors' values"] = [(k, content_checksum(v)) for k, v in sorted(ctx.items())
-                                                     if torch.is_tensor(v)]
-        check_agreement(self.comm, fields, "in a forward call",
-                        hint="every rank of a layer-parallel group must make the same call with the "
-                             "same input (the same batch; data parallelism splits the batch between "
-                             "groups, not within one); LayerParallel(check_inputs=False) skips the "
-                             "check of the values")
-        return self.comm.allreduce_sum(float(needs_grad)) > 0
-
-    def _warm_states(self, kind: str, like: torch.Tensor,
-                        config: MGRITConfig) -> Optional[List[torch.Tensor]]:
-        states = self._warm.get(kind)
-        if not config.warm_start or states is None or states[0].shape != like.shape \
-                or states[0].dtype != like.dtype or states[0].device != like.device:
-            return None
-        return states
-
-    def _remember(self, kind: str, states: List[torch.Tensor], config: MGRITConfig) -> None:
-        if config.warm_start:
-            self._warm[kind] = [s.detach() for s in states]
-
     def reset_warm_start(self) -> None:
-        self._warm.clear()
-
-
-class _Run:
-    """One forward call and its adjoint: the context, the masks and the recorded graphs."""
-
-    def __init__(self, module: LayerParallel, ctx: dict, micro_batch: Optional[int]):
-        self.module, self.micro_batch = module, micro_batch
-        self.config = module.mgrit
-        self.comm = module.comm
-        self.block = module.block
-        self.grad_ctx = [k for k, v in ctx.items() if torch.is_tensor(v) and v.requires_grad]
-        self.ctx_in = ctx
-        # Tensors that need gradients become leaves so that each layer's graph ends there.
-        self.ctx = {k: (v.detach().requires_grad_() if k in self.grad_ctx else v) for k, v in ctx.items()}
-        self.graphs: Dict[int, tuple] = {}
-        # The parameters of this rank's layers as they are now (functional_call may swap them
-        # before backward); the other layers are placeholders without any: O(N / P) per call.
-        lo, hi = self.block
-        self.layer_params = {n: [p for p in layer.parameters() if p.requires_grad]
-                             for n, layer in enumerate(itertools.islice(module.layers, lo, hi), start=lo)}
-        self.params = list({id(p): p for ps in self.layer_params.values() for p in ps}.values())
-
-    def grad_ctx_values(self):
-        return [self.ctx_in[k] for k in self.grad_ctx]
-
-    def forward(self, x: torch.Tensor, record: bool) -> torch.Tensor:
-        if not self.module.parallel:
-            return self.relay_forward(x, record)
-        module, config, comm = self.module, self.config, self.comm
-        rhs, h, counts = module.rhs_at, module.step_size, module.counts
-
-        def step(u, n, dt):
-            counts.count("forward", dt == h)
-            return torch.add(u, rhs(n, u, self.ctx, self.micro_batch), alpha=dt)
-
-        def recording_step(u, n, dt):
-            counts.count("forward", True)
-            leaf = u.detach().requires_grad_()
-            with torch.enable_grad():
-                f = rhs(n, leaf, self.ctx, self.micro_batch)
-            self.graphs[n] = (leaf, f)
-            return torch.add(u, f.detach(), alpha=dt)
-
-        with torch.no_grad():
-            result = solve(step, x.detach(), len(module.layers), h, config,
-                           max_iters=config.fwd_iters,
-                           initial_states=module._warm_states("forward", x, config),
-                           final_step=recording_step if record else None,
-                           comm=comm, blocks=module.blocks)
-            out = result.states[-1]
-            if comm.size > 1:   # the last rank holds the output; every rank returns it
-                out = comm.broadcast(out, root=comm.size - 1)
-                comm.flush()
-        module._remember("forward", result.states, config)
-        module.stats = SolveStats(mode="parallel" if module.parallel else "serial",
-                                  fwd_iters=result.iterations, fwd_residuals=result.residuals)
-        return out
-
-    def relay_forward(self, x: torch.Tensor, record: bool) -> torch.Tensor:
-        """Serial mode over several ranks: each rank runs its block through autograd after the
-        previous rank's, so the arithmetic is exactly that of one process."""
-        module, comm = self.module, self.comm
-        lo, hi = self.block
-        module.stats = SolveStats(mode="serial")
-        module.counts.forward_fine += hi - lo
-        u = x.detach() if comm.prev is None else comm.recv(x, comm.prev)
-        leaf = u.requires_grad_() if record else u
-        with torch.set_grad_enabled(record):
-            y = leaf
-            for n in range(lo, hi):
-                y = torch.add(y, module.rhs_at(n, y, self.ctx, self.micro_batch), alpha=module.step_size)
-        with torch.no_grad():
-            comm.send_next(y)
-            out = comm.broadcast(y, root=comm.size - 1)
-            comm.flush()
-        self.graphs = {"relay": (leaf, y)} if record else {}
-        return out
-
-    def relay_adjoint(self, grad_out: torch.Tensor):
-        comm = self.comm.reversed()
-        leaf, y = self.graphs["relay"]
-        leaves = [self.ctx[k] for k in self.grad_ctx]
-        with torch.no_grad():
-            lam = grad_out if comm.prev is None else comm.recv(grad_out, comm.prev)
-        grads = torch.autograd.grad(y, [leaf, *self.params, *leaves], lam, allow_unused=True,
-                                    retain_graph=self.module.retain_graph)
-        with torch.no_grad():
-            comm.send_next(grads[0])
-            grad_x = comm.broadcast(grads[0], root=0)   # rank 0 holds the input gradient
-            ctx_grads = [comm.allreduce(torch.zeros_like(v) if g is None else g)
-                         for v, g in zip(leaves, grads[1 + len(self.params):])]
-            comm.flush()
-        if not self.module.retain_graph:
-            self.graphs = None
-        return grad_x, ctx_grads, list(grads[1:1 + len(self.params)])
-
-    def adjoint(self, grad_out: torch.Tensor):
-        """Solve the adjoint; returns (input gradient, context gradients, parameter gradients)."""
-        if self.graphs is not None and "relay" in self.graphs:
-            return self.relay_adjoint(grad_out)
-        module, config, comm = self.module, self.config, self.comm
-        num_layers, h, counts = len(module.layers), module.step_size, module.counts
-        graphs = self.graphs
-        leaves = [self.ctx[k] for k in self.grad_ctx]
-        param_index = {id(p): i for i, p in enumerate(self.params)}
-        param_grads: List[Optional[torch.Tensor]] = [None] * len(self.params)
-        ctx_grads: List[Optional[torch.Tensor]] = [None] * len(leaves)
-
-        def layer_of(k, dt):  # reversed index k at the start of a step of size dt
-            return num_layers - k - round(dt / h)
-
-        def step(lam, k, dt):
-            counts.count("adjoint", dt == h)
-            leaf, f = graphs[layer_of(k, dt)]
-            (g,) = torch.autograd.grad(f, leaf, dt * lam, retain_graph=True)
-            return lam + g
-
-        if graphs is None:
-            raise RuntimeError(
-                "backward through a layer-parallel forward a second time: its layer graphs were "
-                "freed by the first backward; set `retain_graph = True` on the LayerParallel "
-                "module to keep them")
-
-        def final_step(lam, k, dt):
-            counts.count("adjoint", True)
-            n = layer_of(k, dt)
-            leaf, f = graphs[n]
-            own = self.layer_params[n]
-            grads = torch.autograd.grad(f, [leaf, *own, *leaves], dt * lam, allow_unused=True,
-                                        retain_graph=module.retain_graph)
-            for p, g in zip(own, grads[1:1 + len(own)]):
-                _accumulate(param_grads, param_index[id(p)], g)
-            for i, g in enumerate(grads[1 + len(own):]):
-                _accumulate(ctx_grads, i, g)
-            return lam if grads[0] is None else lam + grads[0]
-
-        blocks = None if module.blocks is None else mirrored(num_layers, module.blocks)
-        with torch.no_grad():
-            # the adjoint runs backwards through the same intervals: a coarse adjoint step uses
-            # the graph of its interval's first layer, the last fine step in adjoint order
-            result = solve(step, grad_out, num_layers, h, config,
-                           max_iters=config.bwd_iters,
-                           initial_states=module._warm_states("adjoint", grad_out, config),
-                           final_step=final_step, comm=comm.reversed(), blocks=blocks,
-                           anchor="last")
-            grad_x = result.states[-1]
-            if comm.size > 1:   # rank 0 holds the input gradient; context gradients are summed
-                grad_x = comm.broadcast(grad_x, root=0)
-                ctx_grads = [comm.allreduce(torch.zeros_like(leaf) if g is None else g)
-                             for leaf, g in zip(leaves, ctx_grads)]
-                comm.flush()
-        if not module.retain_graph:
-            self.graphs = None
-        module._remember("adjoint", result.states, config)
-        module.stats = dataclasses.replace(module.stats, bwd_iters=result.iterations,
-                                           bwd_residuals=result.residuals)
-        return grad_x, ctx_grads, param_grads
-
-
-def _accumulate(store, i, g):
-    if g is not None:
-        store[i] = g if store[i] is None else store[i] + g
-
-
-class _MGRITFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, run: _Run, x, *inputs):
-        ctx.run = run
-        return run.forward(x, record=True)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if torch.is_grad_enabled():
-            # The adjoint solve differentiates each layer once; differentiating through it again
-            # would treat the solve's gradient as a constant and give a wrong answer, not an error.
-            raise RuntimeError(
-                "higher-order gradients (backward or autograd.grad with create_graph=True) are not "
-                "supported through a LayerParallel stack solved by MGRIT or spread over several "
-                "ranks; compute them on one process in serial mode (`stack.serial()`), where "
-                "autograd runs through the layers themselves")
-        run = ctx.run
-        grad_x, ctx_grads, param_grads = run.adjoint(grad_out.contiguous())
-        return (None, grad_x, *ctx_grads, *param_grads)
+        self.warm_starts.clear()

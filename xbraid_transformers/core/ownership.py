@@ -17,6 +17,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+__all__ = ["Partition", "partition_layers", "RemoteLayer", "fingerprint", "content_checksum",
+           "check_agreement", "config_key", "layer_key"]
+
 Partition = Union[None, str, Sequence[int]]
 
 

@@ -6,6 +6,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+__all__ = ["DEFAULT_FRACTIONS", "SPLIT_NAMES", "split_indices", "split_arrays", "pad_sequences",
+           "padding_mask", "iterate_minibatches", "classification_batches"]
+
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 SPLIT_NAMES = ("train", "val", "test")
 

@@ -22,6 +22,10 @@ import torch
 
 from .sources import PathLike, data_dir
 
+__all__ = ["TOKEN_DTYPE", "atomic_write_bytes", "atomic_write_text", "save_tokens", "load_tokens",
+           "save_ragged", "load_ragged", "fingerprint", "cache_dir", "preparing", "read_meta",
+           "write_meta", "TokenData"]
+
 TOKEN_DTYPE = np.uint16
 
 

@@ -15,6 +15,9 @@ from . import sources
 from .batching import DEFAULT_FRACTIONS, split_arrays, split_indices
 from .sources import PathLike
 
+__all__ = ["FASHION_MNIST_CLASSES", "read_idx", "read_idx_pair", "fashion_mnist", "read_mnist_csv",
+           "mnist_5k", "sklearn_digits", "images_to_float", "image_splits"]
+
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 

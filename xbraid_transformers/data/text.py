@@ -18,6 +18,10 @@ from .cache import TokenData, cache_dir, fingerprint, preparing, read_meta, save
 from .sources import PathLike
 from .tokenize import cached_tokenizer
 
+__all__ = ["read_text_file", "shakespeare_works", "shakespeare_text", "read_movie_reviews",
+           "imdb_reviews", "rotten_tomatoes", "rotten_tomatoes_splits", "rotten_tomatoes_tokenizer",
+           "encode_for_classification", "shakespeare_lm", "imdb_lm", "text_file_lm"]
+
 _BR = re.compile(r"(?:\s*<br\s*/?>\s*)+", re.IGNORECASE)
 _CACHE_VERSION = 1
 
@@ -35,7 +39,7 @@ def read_text_file(path: PathLike) -> str:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def shakespeare_files(directory: Optional[PathLike] = None) -> List[Path]:
+def _shakespeare_files(directory: Optional[PathLike] = None) -> List[Path]:
     """The 42 modern-spelling works ``*_gut.txt`` (not the folio ``*_gut_f.txt``), sorted."""
     d = Path(directory) if directory is not None else sources.shakespeare_dir()
     files = sorted(p for p in d.glob("*_gut.txt"))
@@ -45,8 +49,8 @@ def shakespeare_files(directory: Optional[PathLike] = None) -> List[Path]:
 
 
 def shakespeare_works(directory: Optional[PathLike] = None) -> Dict[str, str]:
-    """``{work name: text}`` for the works of :func:`shakespeare_files`."""
-    return {p.name[: -len("_gut.txt")]: read_text_file(p) for p in shakespeare_files(directory)}
+    """``{work name: text}`` for the works of :func:`_shakespeare_files`."""
+    return {p.name[: -len("_gut.txt")]: read_text_file(p) for p in _shakespeare_files(directory)}
 
 
 def shakespeare_text(directory: Optional[PathLike] = None) -> str:
@@ -54,7 +58,7 @@ def shakespeare_text(directory: Optional[PathLike] = None) -> str:
     return "\n\n".join(t.strip("\n") for t in shakespeare_works(directory).values()) + "\n"
 
 
-def clean_review(text: str) -> str:
+def _clean_review(text: str) -> str:
     """Replace the HTML line breaks ``<br />`` of the IMDB reviews by a space."""
     return _BR.sub(" ", text).strip()
 
@@ -84,7 +88,7 @@ def read_movie_reviews(path: Optional[PathLike] = None, source: Optional[str] = 
                 if lab is None or row["text"] is None or lab.strip() not in ("0", "1"):
                     raise ValueError(f"{path}, line {reader.line_num}: label {lab!r} is not 0 or 1 "
                                      f"(or the row has too few fields)")
-                texts.append(clean_review(row["text"]))
+                texts.append(_clean_review(row["text"]))
                 labels.append(int(lab))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 ({e})") from None
@@ -178,7 +182,7 @@ def _encode_documents(tok, docs: Sequence[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def prepare_lm(name: str, documents: Callable[[], Sequence[str]], source_files: Sequence[Path],
+def _prepared_lm(name: str, documents: Callable[[], Sequence[str]], source_files: Sequence[Path],
                tokenizer: str = "bpe", vocab_size: Optional[int] = None, val_fraction: float = 0.1,
                root: Optional[PathLike] = None) -> TokenData:
     """Tokenize ``documents()`` once and cache ``train.bin``/``val.bin`` (uint16), the tokenizer
@@ -214,8 +218,8 @@ def _prepare_lm(d: Path, name: str, docs: Sequence[str], source_files: Sequence[
 def shakespeare_lm(tokenizer: str = "bpe", vocab_size: Optional[int] = 4096, val_fraction: float = 0.1,
                    directory: Optional[PathLike] = None, root: Optional[PathLike] = None) -> TokenData:
     """GPT-style LM data: the 42 works, byte-level BPE (4096) by default; cached."""
-    files = shakespeare_files(directory)
-    return prepare_lm("shakespeare", lambda: [read_text_file(p) for p in files], files,
+    files = _shakespeare_files(directory)
+    return _prepared_lm("shakespeare", lambda: [read_text_file(p) for p in files], files,
                       tokenizer, vocab_size if tokenizer != "char" else None, val_fraction, root)
 
 
@@ -223,7 +227,7 @@ def imdb_lm(tokenizer: str = "wordpiece", vocab_size: Optional[int] = 8192, val_
             path: Optional[PathLike] = None, root: Optional[PathLike] = None) -> TokenData:
     """BERT-style MLM data: the IMDB reviews joined by [SEP], WordPiece (8192) by default; cached."""
     p = Path(path) if path is not None else sources.movie_reviews_csv()
-    return prepare_lm("imdb", lambda: imdb_reviews(p)[0], [p],
+    return _prepared_lm("imdb", lambda: imdb_reviews(p)[0], [p],
                       tokenizer, vocab_size if tokenizer != "char" else None, val_fraction, root)
 
 
@@ -232,5 +236,5 @@ def text_file_lm(path: PathLike, tokenizer: str = "bpe", vocab_size: Optional[in
     """LM data from a user's own UTF-8 text file; cached like the packaged sources."""
     p = Path(path)
     read_text_file(p)  # clear error early
-    return prepare_lm("textfile", lambda: [read_text_file(p)], [p],
+    return _prepared_lm("textfile", lambda: [read_text_file(p)], [p],
                       tokenizer, vocab_size if tokenizer != "char" else None, val_fraction, root)

@@ -13,6 +13,9 @@ from typing import Callable, Iterable, List, Optional, Sequence
 from .cache import atomic_write_text
 from .sources import PathLike, missing
 
+__all__ = ["GPT_SPECIALS", "BERT_SPECIALS", "CharTokenizer", "HFTokenizer", "train_bpe",
+           "train_wordpiece", "load_tokenizer", "cached_tokenizer"]
+
 GPT_SPECIALS = ("<|endoftext|>",)
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -148,7 +151,7 @@ def load_tokenizer(path: PathLike):
     return HFTokenizer(tk.Tokenizer.from_str(json.dumps(data)), kind)
 
 
-def make_tokenizer(kind: str, texts: Callable[[], Iterable[str]], vocab_size: Optional[int] = None,
+def _make_tokenizer(kind: str, texts: Callable[[], Iterable[str]], vocab_size: Optional[int] = None,
                    special_tokens: Optional[Sequence[str]] = None):
     """Train a tokenizer of ``kind`` in ``{"bpe", "wordpiece", "char"}`` on ``texts()``."""
     if kind == "bpe":
@@ -167,6 +170,6 @@ def cached_tokenizer(path: PathLike, kind: str, texts: Callable[[], Iterable[str
     path = Path(path)
     if path.exists():
         return load_tokenizer(path)
-    tok = make_tokenizer(kind, texts, vocab_size, special_tokens)
+    tok = _make_tokenizer(kind, texts, vocab_size, special_tokens)
     tok.save(path)
     return tok

@@ -17,7 +17,6 @@ it alive), and a process group that ``init_distributed`` created is destroyed at
 """
 from __future__ import annotations
 
-import atexit
 import ctypes
 import io
 import logging
@@ -41,7 +40,10 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 
 from ..mgrit.comm import SERIAL, CommunicationError, Communicator
-from ..mgrit.comm_backends import MPIComm, TorchComm, default_timeout
+from ..mgrit.comm_backends import BACKENDS, TorchComm, backend_to_start, default_timeout
+
+__all__ = ["JOIN_GRACE", "RankFailure", "SpawnError", "SpawnInterrupted", "detect_launcher",
+           "init_distributed", "layer_data_groups", "spawn"]
 
 
 # spawn's default whole-run limit is the communication timeout plus this (seconds)
@@ -102,90 +104,19 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[float] = N
 
     backend: for torchrun ``"gloo"`` or ``"nccl"`` (default: NCCL when CUDA is available); for
     mpiexec ``"mpi"`` (default, mpi4py) or ``"gloo"``/``"nccl"`` (torch.distributed, the
-    rendezvous address agreed through MPI). timeout: seconds before a silent peer is an error
+    rendezvous address agreed through MPI); the choices of any backend registered with
+    ``register_backend(..., start=...)`` too. timeout: seconds before a silent peer is an error
     (default ``XBT_TIMEOUT`` or 300). Returns the world communicator (``SERIAL`` alone).
     """
-    import torch.distributed as dist
     timeout = default_timeout(timeout)
-    if dist.is_available() and dist.is_initialized():
-        return TorchComm(timeout=timeout)
+    for known in BACKENDS:           # a world the caller set up already (a process group)
+        comm = known.joined(timeout) if known.joined is not None else None
+        if comm is not None:
+            return comm
     launcher = detect_launcher()
-    if launcher == "single":
+    if launcher == "single":         # no peers, whatever the backend
         return SERIAL
-    if launcher == "mpi" and backend in (None, "mpi"):
-        try:
-            comm = MPIComm(timeout=timeout)
-        except ImportError as error:
-            raise RuntimeError("started by mpiexec/srun but mpi4py is not installed: "
-                               "pip install mpi4py (or launch with torchrun)") from error
-        _abort_mpi_on_unhandled_error()
-        return comm
-    if launcher == "mpi":
-        _torch_env_from_mpi()
-        _abort_mpi_on_unhandled_error()
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        # A failed or stuck NCCL collective aborts the process instead of hanging.
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    dist.init_process_group(backend, rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]),
-                            timeout=timedelta(seconds=timeout))
-    _destroy_at_exit(dist.group.WORLD)
-    return TorchComm(timeout=timeout)
-
-
-def _destroy_at_exit(group) -> None:
-    """Destroy the process group this module created when the interpreter exits (torchrun's
-    recipe never does; NCCL warns of leaked resources and peers may wait on the store). A group
-    the caller destroyed, or replaced by one of its own, is left alone."""
-    import torch.distributed as dist
-
-    def destroy():
-        try:
-            if dist.is_initialized() and dist.group.WORLD is group:
-                dist.destroy_process_group()
-        except Exception:   # exiting anyway: a peer that is already gone is no error here
-            pass
-    atexit.register(destroy)
-
-
-_MPI_ABORT = {"installed": False}
-
-
-def _abort_mpi_on_unhandled_error() -> None:
-    """Make an unhandled exception abort the whole MPI job (as ``python -m mpi4py`` does).
-
-    Otherwise the failing rank prints its error and then blocks in ``MPI_Finalize`` at exit,
-    waiting for ranks that may never get there (one that hangs), and mpiexec never ends. The
-    traceback is printed first; ``MPI_Abort`` then ends every rank with a non-zero code."""
-    if _MPI_ABORT["installed"]:
-        return
-    from mpi4py import MPI
-    previous = sys.excepthook
-
-    def abort(kind, value, tb):
-        try:
-            previous(kind, value, tb)
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            MPI.COMM_WORLD.Abort(1)
-    sys.excepthook = abort
-    _MPI_ABORT["installed"] = True
-
-
-def _torch_env_from_mpi() -> None:
-    from mpi4py import MPI
-    world = MPI.COMM_WORLD
-    address = None
-    if world.Get_rank() == 0:
-        address = (socket.gethostname(), _free_port())
-    host, port = world.bcast(address, root=0)
-    os.environ.update(RANK=str(world.Get_rank()), WORLD_SIZE=str(world.Get_size()),
-                      MASTER_ADDR=os.environ.get("MASTER_ADDR", host),
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    return backend_to_start(launcher, backend).start(backend, launcher, timeout)
 
 
 def layer_data_groups(layer_size: int, timeout: Optional[float] = None):
@@ -209,12 +140,6 @@ def layer_data_groups(layer_size: int, timeout: Optional[float] = None):
         if rank in ranks:
             mine_data = group
     return TorchComm(mine_layer, timeout=timeout), mine_data
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loopback_interface() -> Optional[str]:

@@ -19,6 +19,9 @@ from ..core.layer_parallel import named_stacks
 from ..core.ownership import RemoteLayer
 from ..mgrit.comm import SERIAL, Communicator
 
+__all__ = ["gather_state_dict", "broadcast_replicated_", "layer_comm", "gather_named",
+           "gather_optimizer_state", "load_optimizer_state", "clip_grad_norm_"]
+
 
 def gather_state_dict(model: nn.Module) -> Optional[dict]:
     """The full, layout-free state dict of ``model`` on rank 0 of its layer-parallel group(s);
@@ -31,7 +34,7 @@ def gather_state_dict(model: nn.Module) -> Optional[dict]:
         rank0 = rank0 and comm.rank == 0
         if comm.size == 1:
             continue
-        for lo, hi in stack.blocks:
+        for lo, hi in stack.layer_ranges:
             for n in range(lo, hi):
                 layer = stack.layers[n]
                 prefix = f"{name}.layers.{n}." if name else f"layers.{n}."

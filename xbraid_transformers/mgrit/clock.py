@@ -18,6 +18,9 @@ import torch
 from .comm import Communicator
 from .comm_backends import ThreadWorld
 
+__all__ = ["LinkModel", "NVLINK", "INFINIBAND", "VirtualClock", "ClockedComm", "RANK_THREAD",
+           "emulate"]
+
 
 @dataclass
 class LinkModel:
@@ -158,7 +161,7 @@ class ClockedComm(Communicator):
 RANK_THREAD = "xbt-rank-"
 
 
-class RankGate:
+class _RankGate:
     """The lock that lets one emulated rank compute at a time. Each rank also keeps its own
     state of torch's global random generator across the hand-overs (saved when it releases the
     gate, restored when it takes it back), so that threads behave like processes: a rank that
@@ -183,14 +186,14 @@ def emulate(fn: Callable[..., Any], nprocs: int, *args, link: LinkModel = NVLINK
             timeout: float = 600.0) -> List[Any]:
     """Run ``fn(comm, *args)`` for ``nprocs`` ranks as threads of this process, each with a
     ``ClockedComm`` (``comm.clock`` is its virtual clock). Use ``torch.set_num_threads(1)``.
-    Ranks compute one at a time (a ``RankGate``, released while a rank waits for messages), so
+    Ranks compute one at a time (a ``_RankGate``, released while a rank waits for messages), so
     each rank's CPU time is measured as if it had a core to itself, and each rank keeps its own
     global random state, as a process would."""
     world = ThreadWorld(nprocs, timeout=timeout)
     results: List[Any] = [None] * nprocs
     errors: List[BaseException] = []
 
-    gate = RankGate()
+    gate = _RankGate()
 
     def run(rank):
         gate.acquire()

@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import abc
 import copy
+import os
+import time
 from typing import List, Optional
 
 import torch
+
+__all__ = ["DEFAULT_TIMEOUT", "CommunicationError", "default_timeout", "wait_failure",
+           "Communicator", "SingleProcess", "SERIAL"]
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a process waits for a peer before it gives up (``XBT_TIMEOUT`` overrides it)."""
@@ -29,6 +34,37 @@ DEFAULT_TIMEOUT = 300.0
 
 class CommunicationError(RuntimeError):
     """A peer did not answer within the timeout, died, or called a different operation."""
+
+
+def default_timeout(timeout: Optional[float] = None) -> float:
+    """``timeout`` in seconds, else the environment variable ``XBT_TIMEOUT``, else the default;
+    a value that is not a positive number is a ``ValueError`` naming where it came from."""
+    if timeout is not None:
+        source, text = "the communication timeout", timeout
+    else:
+        source, text = "the environment variable XBT_TIMEOUT", os.environ.get("XBT_TIMEOUT", DEFAULT_TIMEOUT)
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0 < value < float("inf"):     # also rejects nan
+        raise ValueError(f"{source} must be a positive, finite number of seconds, got {text!r}")
+    return value
+
+
+def wait_failure(comm: "Communicator", what: str, peer, cause: Optional[BaseException] = None,
+             started: Optional[float] = None):
+    """The error of a failed wait. With a ``cause`` (the backend gave up: a peer's connection
+    closed, its process died) the message says how long the wait lasted, not the timeout."""
+    who = "" if peer is None else f" with rank {peer}"
+    if cause is None:
+        outcome = f"did not complete within {comm.timeout:g} s"
+    else:
+        waited = "" if started is None else f" after {time.monotonic() - started:.1f} s"
+        outcome = f"failed{waited} ({cause})"
+    return CommunicationError(
+        f"{comm.describe()}: {what}{who} {outcome}; a process of the layer-parallel group died, "
+        f"stopped answering, or runs a different operation (mismatched code path or configuration)")
 
 
 class Communicator(abc.ABC):

@@ -7,6 +7,8 @@ from typing import Callable, Sequence, Union
 
 import torch
 
+__all__ = ["InitialGuess", "MGRITConfig"]
+
 InitialGuess = Union[str, Callable[[int, torch.Tensor], torch.Tensor]]
 
 _RELAX_PATTERN = re.compile(r"^F(CF)*$")

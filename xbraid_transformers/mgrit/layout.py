@@ -1,7 +1,7 @@
 """Which process of a distributed solve owns which steps on every level of the hierarchy.
 
 The processes of a solve are numbered by *position* in solve order (the adjoint runs the ranks
-backwards). Position i owns the fine steps ``blocks[i] = [lo, hi)``: any contiguous split of
+backwards). Position i owns the fine steps ``fine_ranges[i] = [lo, hi)``: any contiguous split of
 ``0..num_steps`` in solve order, one step per process at the least. A step of level l covers
 ``spacing_l`` fine steps and is evaluated where its data lives: by the owner of one fine step of
 its interval, the ``anchor`` (``"first"``: the interval's first fine step; ``"last"``: its last,
@@ -23,29 +23,31 @@ import bisect
 from functools import lru_cache
 from typing import List, Optional, Sequence, Tuple
 
-Block = Tuple[int, int]
+__all__ = ["StepRange", "Layout", "layout", "mirrored"]
+
+StepRange = Tuple[int, int]
 
 
 class Layout:
     """Step ranges of every position on every level (``ranges[l][i] = (a, b)``)."""
 
-    def __init__(self, num_steps: int, blocks: Sequence[Block], cfactors: Sequence[int],
+    def __init__(self, num_steps: int, fine_ranges: Sequence[StepRange], cfactors: Sequence[int],
                  anchor: str = "first"):
         if anchor not in ("first", "last"):
             raise ValueError(f"anchor must be 'first' or 'last', got {anchor!r}")
-        blocks = [tuple(int(v) for v in b) for b in blocks]
+        fine_ranges = [tuple(int(v) for v in b) for b in fine_ranges]
         lo = 0
-        for a, b in blocks:
+        for a, b in fine_ranges:
             if a != lo or b <= a:
-                raise ValueError(f"blocks {blocks} must split 0..{num_steps} into contiguous, "
+                raise ValueError(f"the fine step ranges {fine_ranges} must split 0..{num_steps} into contiguous, "
                                  "non-empty ranges in solve order")
             lo = b
         if lo != num_steps:
-            raise ValueError(f"blocks {blocks} must end at {num_steps}")
-        self.num_steps, self.blocks, self.anchor = num_steps, blocks, anchor
+            raise ValueError(f"the fine step ranges {fine_ranges} must end at {num_steps}")
+        self.num_steps, self.fine_ranges, self.anchor = num_steps, fine_ranges, anchor
         self.cfactors = tuple(cfactors)
         self.counts: List[int] = []      # steps per level: a last partial interval is F-points
-        self.ranges: List[List[Block]] = []
+        self.ranges: List[List[StepRange]] = []
         self._active: List[List[int]] = []
         self._starts: List[List[int]] = []
         spacing = 1
@@ -53,7 +55,7 @@ class Layout:
             count = num_steps // spacing
             self.counts.append(count)
             ranges = [(min(self._first_step(lo, spacing), count), min(self._first_step(hi, spacing), count))
-                      for lo, hi in blocks]
+                      for lo, hi in fine_ranges]
             self.ranges.append(ranges)
             active = [i for i, (a, b) in enumerate(ranges) if b > a]
             self._active.append(active)
@@ -69,9 +71,9 @@ class Layout:
 
     @property
     def size(self) -> int:
-        return len(self.blocks)
+        return len(self.fine_ranges)
 
-    def steps(self, level: int, position: int) -> Block:
+    def steps(self, level: int, position: int) -> StepRange:
         return self.ranges[level][position]
 
     def owner(self, level: int, step: int) -> int:
@@ -100,16 +102,16 @@ class Layout:
 
 
 @lru_cache(maxsize=256)
-def _cached(num_steps: int, blocks: Tuple[Block, ...], cfactors: Tuple[int, ...], anchor: str) -> Layout:
-    return Layout(num_steps, blocks, cfactors, anchor)
+def _cached(num_steps: int, fine_ranges: Tuple[StepRange, ...], cfactors: Tuple[int, ...], anchor: str) -> Layout:
+    return Layout(num_steps, fine_ranges, cfactors, anchor)
 
 
-def layout(num_steps: int, blocks: Sequence[Block], cfactors: Sequence[int],
+def layout(num_steps: int, fine_ranges: Sequence[StepRange], cfactors: Sequence[int],
            anchor: str = "first") -> Layout:
     """A ``Layout``, built once per distinct argument set (solves repeat them every call)."""
-    return _cached(num_steps, tuple(tuple(b) for b in blocks), tuple(cfactors), anchor)
+    return _cached(num_steps, tuple(tuple(b) for b in fine_ranges), tuple(cfactors), anchor)
 
 
-def mirrored(num_steps: int, blocks: Sequence[Block]) -> List[Block]:
-    """The blocks in the reversed solve order (the adjoint's): position i becomes size - 1 - i."""
-    return [(num_steps - hi, num_steps - lo) for lo, hi in reversed(list(blocks))]
+def mirrored(num_steps: int, fine_ranges: Sequence[StepRange]) -> List[StepRange]:
+    """The fine step ranges in the reversed solve order (the adjoint's): position i becomes size - 1 - i."""
+    return [(num_steps - hi, num_steps - lo) for lo, hi in reversed(list(fine_ranges))]

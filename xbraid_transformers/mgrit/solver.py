@@ -10,7 +10,7 @@ larger step size (parameter injection).
 Tensors are never modified in place: every update binds a new tensor, so restricted values and
 states handed to callbacks stay valid.
 
-Distribution (``mgrit.layout``): each process owns a contiguous block of fine steps, any size;
+Distribution (``mgrit.layout``): each process owns a contiguous range of fine steps, any size;
 a step of a coarse level is evaluated by the process that owns its anchor fine step, so a level
 lives on the processes that own its points, however few. A process holds the points of its
 steps plus a ghost copy of the point before them, refreshed through ``comm`` before it is
@@ -22,17 +22,18 @@ result is bit-identical to it.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from .config import MGRITConfig
 from .comm import SERIAL, Communicator
-from .layout import Block, Layout, layout
+from ._levels import LevelSweeps, Step
+from .layout import StepRange, layout
 
-Step = Callable[[torch.Tensor, int, float], torch.Tensor]
-
+__all__ = ["MGRITDivergenceError", "MGRITResult", "solve"]
 
 class MGRITDivergenceError(FloatingPointError):
     """The MGRIT iteration produced a non-finite residual or state."""
@@ -63,130 +64,9 @@ class MGRITResult:
         return [r[i + 1] / r[i] if r[i] > 0 else math.nan for i in range(len(r) - 1)]
 
 
-class _Level:
-    """The points ``a..b`` of one level held by this process (``a``: the ghost), its steps
-    ``[a, b)``; ``a == b`` on a level where this process owns no step."""
-
-    def __init__(self, index: int, spacing: int, dt: float, steps, cfactor: Optional[int], sweeps: int):
-        self.index, self.spacing, self.dt = index, spacing, dt
-        self.a, self.b = steps
-        self.m = cfactor  # None on the coarsest level
-        self.sweeps = sweeps
-        self.u: List[torch.Tensor] = []
-        self.g: List[Optional[torch.Tensor]] = []  # FAS right-hand side, None means zero
-        self.restricted: List[torch.Tensor] = []  # injected values, for the FAS correction
-
-    @property
-    def active(self) -> bool:
-        return self.b > self.a
-
-    def produced_c_points(self):
-        """The C-points this process computes: those in ``(a, b]``."""
-        return range((self.a // self.m + 1) * self.m, self.b + 1, self.m)
-
-    def f_chains(self):
-        """The runs of F-steps ``[start, stop)`` in ``[a, b)``, one per C-interval."""
-        m, chains = self.m, []
-        for c in range((self.a // m) * m, self.b, m):
-            start, stop = max(self.a, c), min(self.b, c + m - 1)
-            if stop > start:
-                chains.append((start, stop))
-        return chains
-
-
-class _Solver:
-    def __init__(self, step: Step, u0: torch.Tensor, num_steps, step_size, config: MGRITConfig,
-                 comm: Communicator, layout: Layout, final_step: Optional[Step]):
-        self.step, self.final_step, self.u0 = step, final_step, u0
-        self.config, self.comm, self.layout = config, comm, layout
-        self.me = comm.position
-        self.num_steps = num_steps
-        self.levels: List[_Level] = []
-        spacing = 1
-        for l in range(config.levels):
-            coarsest = l == config.levels - 1
-            m = None if coarsest else config.cfactors[l]
-            sweeps = 0 if coarsest else config.cf_sweeps[l]
-            self.levels.append(_Level(l, spacing, spacing * step_size, layout.steps(l, self.me), m, sweeps))
-            if not coarsest:
-                spacing *= m
-
-    # ----------------------------------------------------------------- messages
-    def _send(self, value: torch.Tensor, position: int) -> None:
-        self.comm.isend(value, self.comm.rank_at(position))
-
-    def _recv(self, like: torch.Tensor, position: int) -> torch.Tensor:
-        return self.comm.recv(like, self.comm.rank_at(position))
-
-    def _send_last(self, level: _Level) -> None:
-        nxt = self.layout.next(level.index, self.me)
-        if nxt is not None:
-            self._send(level.u[-1], nxt)
-
-    def _recv_ghost(self, level: _Level) -> None:
-        prev = self.layout.previous(level.index, self.me)
-        if prev is not None:
-            level.u[0] = self._recv(level.u[0], prev)
-
-    # ----------------------------------------------------------------- basic operations
-    def _phi(self, level: _Level, j: int, u: torch.Tensor, step: Optional[Step] = None) -> torch.Tensor:
-        """Propagate level point j to j+1, plus the FAS right-hand side at j+1."""
-        out = (step or self.step)(u, j * level.spacing, level.dt)
-        g = level.g[j + 1 - level.a]
-        return out if g is None else out + g
-
-    def _propagate(self, level: _Level, start: int, stop: int, step: Optional[Step]) -> None:
-        u, a = level.u, level.a
-        for j in range(start, stop):
-            u[j + 1 - a] = self._phi(level, j, u[j - a], step)
-
-    def f_relax(self, level: _Level, step: Optional[Step] = None):
-        """F-relaxation. An F-interval may run over several processes: the last point goes to
-        the next process as soon as it is final (at once when it is a C-point, which the sweep
-        does not change), and the run that starts at the ghost comes last, so that a process
-        waits for its predecessor only after the work that does not need it."""
-        if not level.active:
-            return
-        m, a, b = level.m, level.a, level.b
-        last_is_c = b % m == 0
-        if last_is_c:
-            self._send_last(level)
-        chains = level.f_chains()
-        head = chains[0] if chains and chains[0][0] == a else None
-        tail = chains[-1] if chains and chains[-1][1] == b else None
-        if tail is not None and tail is not head:
-            self._propagate(level, *tail, step)
-        if not last_is_c and tail is not head:
-            self._send_last(level)
-        for chain in chains:
-            if chain is not head and chain is not tail:
-                self._propagate(level, *chain, step)
-        self._recv_ghost(level)
-        if head is not None:
-            self._propagate(level, *head, step)
-        if not last_is_c and tail is head:
-            self._send_last(level)
-
-    def c_relax(self, level: _Level, step: Optional[Step] = None):
-        if not level.active:
-            return
-        u, a = level.u, level.a
-        for c in level.produced_c_points():
-            u[c - a] = self._phi(level, c - 1, u[c - 1 - a], step)
-
-    def relax(self, level: _Level):
-        self.f_relax(level)
-        for _ in range(level.sweeps):
-            self.c_relax(level)
-            self.f_relax(level)
-
-    def serial_solve(self, level: _Level, step: Optional[Step] = None):
-        """Sequential propagation over the level, relayed along the processes that own it."""
-        if not level.active:
-            return
-        self._recv_ghost(level)
-        self._propagate(level, level.a, level.b, step)
-        self._send_last(level)
+class _Solver(LevelSweeps):
+    """FAS cycles over the levels: restriction, coarse-grid correction, the V- and F-cycles,
+    interpolation for nested iteration (``LevelSweeps``: the sweeps on one level)."""
 
     def restrict(self, l: int, fas: bool) -> float:
         """Inject C-points into level l+1 and, with ``fas``, form its FAS right-hand side.
@@ -336,7 +216,8 @@ def _initial_states(u0, lo, hi, guess, initial_states):
 def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config: MGRITConfig, *,
           max_iters: Optional[int] = None, initial_states=None, callback=None,
           final_step: Optional[Step] = None, comm: Optional[Communicator] = None,
-          blocks: Optional[Sequence[Block]] = None, anchor: str = "first") -> MGRITResult:
+          ranges: Optional[Sequence[StepRange]] = None, anchor: str = "first",
+          blocks: Optional[Sequence[StepRange]] = None) -> MGRITResult:
     """Solve u_{n+1} = step(u_n, n, step_size), n = 0..num_steps-1, with FAS MGRIT.
 
     step: ``step(u, n, dt) -> u_next``; n is the fine index of the interval start and dt the
@@ -351,11 +232,14 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
         with a ghost exchange, so under ``comm`` every rank must pass a callback or none.
     final_step: step function for the final F-then-C sweep on the finest level (default
         ``step``); every fine step is evaluated exactly once in that sweep.
-    comm, blocks, anchor: distribution (see the module docstring and ``mgrit.layout``): the
+    comm, ranges, anchor: distribution (see the module docstring and ``mgrit.layout``): the
         fine steps ``[lo, hi)`` of every process in solve order (``comm.position`` indexes
         them), and which fine step of a coarse interval decides its owner; by default a single
-        process owns every step.
+        process owns every step. ``blocks`` is the deprecated name of ``ranges``.
     """
+    if blocks is not None:
+        warnings.warn("solve(blocks=...) is now solve(ranges=...)", DeprecationWarning, stacklevel=2)
+        ranges = blocks if ranges is None else ranges
     comm = comm or SERIAL
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
@@ -364,12 +248,12 @@ def solve(step: Step, u0: torch.Tensor, num_steps: int, step_size: float, config
         raise ValueError(
             f"{config.levels} levels with cfactors {config.cfactors} need at least {spacing} steps "
             f"(one interval on the coarsest level), got {num_steps}")
-    blocks = [(0, num_steps)] if blocks is None else blocks
-    if len(blocks) != comm.size:
-        raise ValueError(f"blocks {list(blocks)} name {len(blocks)} processes, the communicator has "
-                         f"{comm.size}")
-    plan = layout(num_steps, blocks, config.cfactors, anchor)
-    lo, hi = plan.blocks[comm.position]
+    ranges = [(0, num_steps)] if ranges is None else ranges
+    if len(ranges) != comm.size:
+        raise ValueError(f"the step ranges {list(ranges)} name {len(ranges)} processes, the "
+                         f"communicator has {comm.size}")
+    plan = layout(num_steps, ranges, config.cfactors, anchor)
+    lo, hi = plan.fine_ranges[comm.position]
     if not torch.isfinite(u0).all():
         raise MGRITDivergenceError("the initial value u0 contains NaN or Inf")
     max_iters = config.fwd_iters if max_iters is None else max_iters

@@ -20,6 +20,9 @@ from torch import nn
 
 from .common import LayerParallelModel, ParallelConfig, encoder_stack, initialise_
 
+__all__ = ["BertConfig", "Bert", "BertClassifier", "mask_tokens", "sample_mlm_batch",
+           "mlm_eval_loss", "classification_metrics"]
+
 
 @dataclass
 class BertConfig:

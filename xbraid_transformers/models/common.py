@@ -13,6 +13,9 @@ from torch import nn
 from ..mgrit.config import MGRITConfig
 from ..nn import LayerParallelTransformerEncoder, ODEStack
 
+__all__ = ["ParallelConfig", "deepnet_gain", "scale_residual_branches_", "pre_ln_layer",
+           "encoder_stack", "initialise_", "LayerParallelModel"]
+
 
 @dataclass
 class ParallelConfig:
@@ -69,7 +72,7 @@ def scale_residual_branches_(layers, gain: float) -> None:
 
 
 @torch.no_grad()
-def init_weights_(module: nn.Module, std: float = 0.02) -> None:
+def _init_weights_(module: nn.Module, std: float = 0.02) -> None:
     """GPT-2 style init: normal(0, std) for linear and embedding weights, zero biases.
 
     Every weight draws from its own generator, seeded by one draw of the global generator and
@@ -110,9 +113,9 @@ def encoder_stack(config, comm=None) -> LayerParallelTransformerEncoder:
 
 
 def initialise_(model: nn.Module, stack: ODEStack, parallel: "ParallelConfig", num_layers: int) -> None:
-    """The models' initialisation (``init_weights_``), then, with ``parallel.deepnet_init``,
+    """The models' initialisation (``_init_weights_``), then, with ``parallel.deepnet_init``,
     the residual branches of the stack's layers scaled for a depth of ``num_layers``."""
-    init_weights_(model)
+    _init_weights_(model)
     if parallel.deepnet_init:
         scale_residual_branches_(stack.layers, deepnet_gain(num_layers))
 

@@ -19,6 +19,8 @@ from torch import nn
 
 from .common import LayerParallelModel, ParallelConfig, encoder_stack, initialise_
 
+__all__ = ["GPTConfig", "GPT"]
+
 
 @dataclass
 class GPTConfig:

@@ -21,6 +21,8 @@ from torch import nn
 from ..nn import LayerParallelTransformer
 from .common import LayerParallelModel, ParallelConfig, initialise_, pre_ln_layer
 
+__all__ = ["Seq2SeqConfig", "Seq2Seq"]
+
 
 @dataclass
 class Seq2SeqConfig:

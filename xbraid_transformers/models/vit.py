@@ -17,6 +17,8 @@ from torch import nn
 
 from .common import LayerParallelModel, ParallelConfig, encoder_stack, initialise_
 
+__all__ = ["ViTConfig", "ViT"]
+
 
 @dataclass
 class ViTConfig:

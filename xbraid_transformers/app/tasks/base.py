@@ -17,6 +17,9 @@ from ...distributed import broadcast_replicated_
 from ...mgrit.config import MGRITConfig
 from ..defaults import DEFAULTS, default_mgrit
 
+__all__ = ["TaskUnavailable", "TaskConfig", "Task", "SampledTask", "replicated_from_rank0",
+           "load_data", "final_time", "parallel_config", "token_rows"]
+
 
 class TaskUnavailable(RuntimeError):
     """A task's model code or data source is not installed."""

@@ -6,6 +6,8 @@ from torch import nn
 from .base import (SampledTask, TaskConfig, load_data, parallel_config, replicated_from_rank0,
                    token_rows)
 
+__all__ = ["BERT_SPECIALS", "BertTask", "ClsTask"]
+
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 

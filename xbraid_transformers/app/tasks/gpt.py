@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from .base import Task, TaskConfig, load_data, parallel_config, replicated_from_rank0
 
+__all__ = ["GPTTask"]
+
 
 class GPTTask(Task):
     """Next-token prediction on Shakespeare (or ``data_path``) with ``models.GPT``."""

@@ -7,6 +7,8 @@ from torch import nn
 from ...core.layer_parallel import LayerParallel
 from .base import Task, TaskConfig
 
+__all__ = ["GrowthTask"]
+
 
 class GrowthTask(Task):
     """Fit an expanding linear flow y = expm(A) x with a stack of linear ODE layers.

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from .base import SampledTask, TaskConfig, load_data, parallel_config, replicated_from_rank0
 
+__all__ = ["TranslationTask"]
+
 
 class TranslationTask(SampledTask):
     """KJV -> Reina-Valera verse translation with ``models.Seq2Seq`` (encoder and decoder as one

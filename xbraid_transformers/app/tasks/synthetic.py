@@ -7,6 +7,8 @@ from torch import nn
 from ...nn import LayerParallelTransformerEncoder
 from .base import Task, TaskConfig
 
+__all__ = ["CountingModel", "SyntheticTask"]
+
 
 class CountingModel(nn.Module):
     """Embedding -> layer-parallel pre-LN encoder -> per-token classifier."""

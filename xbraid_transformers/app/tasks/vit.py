@@ -8,6 +8,8 @@ from torch import nn
 from ...data.sources import DataSourceMissing
 from .base import SampledTask, TaskConfig, load_data, parallel_config, replicated_from_rank0
 
+__all__ = ["ViTTask"]
+
 
 class ViTTask(SampledTask):
     """Fashion-MNIST classification with ``models.ViT`` (MNIST-5k when Fashion-MNIST is absent)."""
