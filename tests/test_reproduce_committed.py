@@ -14,6 +14,7 @@ from xbraid_transformers.app.reproduce.time_to_quality import headline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(ROOT, "benchmarks", "results", "reproduce")
 REPORTS = {"full": COMMITTED, "quick": COMMITTED + "-quick"}
+TIMING_ONLY = {"scaling"}   # emulated timings of untrained networks: no training seeds
 MARKERS = ("<!-- reproduce-summary -->\n", "<!-- /reproduce-summary -->")
 
 
@@ -27,6 +28,9 @@ def test_every_experiment_has_a_record_whose_verdict_follows_its_numbers(name, m
     assert record["result"]["settings"] == json.loads(json.dumps(EXPERIMENTS[name].settings[mode]))
     assert EXPERIMENTS[name].verdict(record["result"]).as_dict() == record["verdict"]
     assert os.path.getsize(os.path.join(REPORTS[mode], record["figure"])) > 10_000
+    # training results are statistics: every experiment that trains ran at least three seeds
+    seeds = record["result"]["seeds"]
+    assert len(set(seeds)) == len(seeds) and (name in TIMING_ONLY or len(seeds) >= 3)
 
 
 @pytest.mark.parametrize("mode", list(REPORTS))

@@ -1,16 +1,20 @@
 """The multilevel experiment: FLOPs counted per step against the matmul count worked out from the
 model's shapes, the run's FLOP accounting over a schedule, the benchmark script running on the
-shared core, and the verdict rule on hand-made results."""
+shared core, the learning-rate tuning, and the verdict rule (the V-cycle's saving against the
+paper's 44%) on hand-made curves."""
 import copy
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from xbraid_transformers.app.bench import multilevel as core
-from xbraid_transformers.app.reproduce.base import CONFIRMED, CONTRADICTED, NOT_MEASURABLE
-from xbraid_transformers.app.reproduce.multilevel import NESTED, SINGLE, V_CYCLE, checks, tables, verdict
+from xbraid_transformers.app.reproduce import multilevel
+from xbraid_transformers.app.reproduce.base import CONFIRMED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURABLE
+from xbraid_transformers.app.reproduce.multilevel import (NESTED, SETTINGS, SINGLE, V_CYCLE, check, lateness,
+                                                          savings, tables, verdict)
 from xbraid_transformers.models.gpt import GPT, GPTConfig
 
 B, T, D, HEADS, LAYERS, VOCAB = 2, 8, 16, 2, 4, 32
@@ -66,32 +70,91 @@ def test_the_benchmark_script_measures_with_the_core():
     assert script.measure is core.measure and script.FAMILIES is core.FAMILIES
 
 
-def _record(family, optimizer, schedule, flops, target=5.0, start=6.0):
-    runs = [dict(seed=s, flops=f, seconds=None if f is None else f / 10, flop_ratio=None, time_ratio=None,
-                 final_val=target) for s, f in enumerate(flops)]
-    curves = {str(s): [[0, 0.0, start], [f or 99, (f or 99) / 10, target]] for s, f in enumerate(flops)}
-    return dict(family=family, optimizer=optimizer, schedule=schedule, target=target, runs=runs, curves=curves)
+# ---------------------------------------------------------------------------- the verdict rule
+SINGLE_CURVE = [[0, 0.0, 6.0], [25, 2.5, 5.0], [50, 5.0, 4.6], [75, 7.5, 4.45], [100, 10.0, 4.4]]
 
 
-def _result(v_cycle_adamw=(8, 9), nested=(5, 6), target=5.0):
-    records = []
-    for optimizer in ("sgd", "adamw"):
-        records += [_record("gpt", optimizer, SINGLE, (10, 12), target),
-                    _record("gpt", optimizer, V_CYCLE, v_cycle_adamw if optimizer == "adamw" else (8, 9), target),
-                    _record("gpt", optimizer, NESTED, nested, target)]
-    return {"settings": dict(seeds=2, steps=10, phase=5, eval_every=5, clip=1.0, families={"gpt": {}}),
-            "data": {"gpt": "hand-made"}, "records": records}
+def _multilevel_curve(saving):
+    """Reaches the single-level final loss 4.4 after (1 - saving) x 100 FLOPs; None: never does
+    within its 133 FLOPs."""
+    if saving is None:
+        return [[0, 0.0, 6.0], [133, 13.3, 4.5]]
+    return [[0, 0.0, 6.0], [100 * (1 - saving), 10 * (1 - saving), 4.39], [133, 13.3, 4.3]]
 
 
-def test_verdict_follows_the_medians_of_flops_to_target():
-    base = _result()
-    assert verdict(base).label == CONFIRMED                        # V-cycle 8.5 against 11
-    assert "+23%" in verdict(base).evidence and "+23%" in tables(base)
-    assert verdict(_result(nested=(20, None))).label == CONFIRMED  # nested is reported, not judged
-    slower = _result(v_cycle_adamw=(11, 12))                       # median 11.5 > 11
-    assert verdict(slower).label == CONTRADICTED and checks(slower) == {"gpt/sgd": True, "gpt/adamw": False}
-    assert verdict(_result(v_cycle_adamw=(10.5, 11.4))).label == CONFIRMED   # 10.95 < 11
-    unreached = _result(v_cycle_adamw=(1, None))                   # a seed that never gets there: infinite
-    assert verdict(unreached).label == CONTRADICTED
-    untrained = _result(target=6.5)                                # single-level ends above its start
-    assert verdict(untrained).label == NOT_MEASURABLE
+def _result(v_cycle, nested=None, single=SINGLE_CURVE, adamw=None):
+    """Hand-made curves: per seed the single-level curve and the multilevel ones with these
+    FLOP savings; AdamW's V-cycle saves ``adamw``."""
+    seeds = list(range(len(v_cycle)))
+
+    def by_seed(curves):
+        return {str(seed): curve for seed, curve in zip(seeds, curves)}
+    curves = {opt: {SINGLE: by_seed([single] * len(seeds)),
+                    NESTED: by_seed(map(_multilevel_curve, nested or [0.6] * len(seeds))),
+                    V_CYCLE: by_seed(map(_multilevel_curve, v_cycle if opt == "sgd" else adamw or [0.0] * len(seeds)))}
+              for opt in ("sgd", "adamw")}
+    lrs = {"sgd": {name: 0.3 for name in curves["sgd"]}, "adamw": {name: 3e-3 for name in curves["sgd"]}}
+    return {"settings": dict(SETTINGS["micro"], seeds=seeds), "seeds": seeds, "data": "hand-made",
+            "tuning": {opt: {name: {str(lr): 4.0 for lr in SETTINGS["micro"]["lrs"][opt]} for name in curves[opt]}
+                       for opt in curves}, "lrs": lrs, "curves": curves, "flops_per_step": {}}
+
+
+@pytest.mark.parametrize("v_cycle, label", [
+    ((0.40, 0.45, 0.50, 0.42, 0.48), CONFIRMED),          # interval holds 44% and lies above 0
+    ((0.60, 0.62, 0.65), CONFIRMED),                      # lies above 44%
+    ((0.44, 0.44, 0.44), CONFIRMED),                      # reaches 44% exactly: holds it
+    ((0.10, 0.12, 0.15, 0.11, 0.13), CONTRADICTED),       # a saving, but entirely below 44%
+    ((0.0, 0.0, 0.0), CONTRADICTED),                      # a tie with single-level: no saving at all
+    ((-0.2, 0.6, 0.1, 0.5), INCONCLUSIVE),                # holds 0 and 44%: within the noise
+    ((0.5,), INCONCLUSIVE),                               # one seed: no interval
+    ((0.5, 0.5, None), INCONCLUSIVE),                     # a seed never reached: its bound -33% widens it
+    ((None, None, None), CONTRADICTED),                   # none reached: every bound (-33%) below 44%
+])
+def test_verdict_judges_the_size_of_the_v_cycle_saving_against_44_percent(v_cycle, label):
+    result = _result(v_cycle)
+    assert verdict(result).label == label
+    assert check(result) == {CONFIRMED: True, CONTRADICTED: False, INCONCLUSIVE: INCONCLUSIVE}[label]
+
+
+def test_savings_per_seed_are_flops_to_each_seed_s_single_level_loss():
+    result = _result((0.40, 0.45, None))
+    assert [round(v, 6) for v, _ in savings(result, "sgd", V_CYCLE)] == [0.4, 0.45, round(1 - 133 / 100, 6)]
+    assert [r for _, r in savings(result, "sgd", V_CYCLE)] == [True, True, False]
+    assert savings(result, "sgd", V_CYCLE, key=1)[0][0] == pytest.approx(0.4)      # seconds: 6 against 10
+    assert "+40%, +45%, -33% (no)" in tables(result)
+
+
+def test_nested_iteration_and_adamw_are_reported_not_judged():
+    confirmed = _result((0.40, 0.45, 0.50, 0.42, 0.48))
+    assert verdict(_result((0.40, 0.45, 0.50, 0.42, 0.48), nested=[-1.0] * 5, adamw=[None] * 5)).label == CONFIRMED
+    assert "nested" in verdict(confirmed).headline and "V-cycle" in verdict(confirmed).headline
+
+
+def test_an_early_target_or_an_untrained_baseline_is_not_measurable():
+    linear = [[25 * i, 2.5 * i, 6.0 - 0.5 * i] for i in range(5)]       # last quarter: a third of the drop
+    assert lateness(_result((0.5, 0.5, 0.5), single=linear)) == pytest.approx(1 / 3)
+    assert lateness(_result((0.5, 0.5, 0.5))) == pytest.approx(0.05 / 0.6)   # 4.45 -> 4.4 of 5.0 -> 4.4
+    assert verdict(_result((0.5, 0.5, 0.5), single=linear)).label == NOT_MEASURABLE
+    risen = [[0, 0.0, 6.0], [50, 5.0, 6.2], [100, 10.0, 6.1]]            # ends above its start
+    assert verdict(_result((0.5, 0.5, 0.5), single=risen)).label == NOT_MEASURABLE
+
+
+def test_each_scheme_keeps_the_learning_rate_of_its_lowest_tuning_loss(monkeypatch):
+    """The tuning seed picks the rate (best at 1 for SGD, 3e-3 for AdamW, whatever the schedule;
+    a diverged rate, first in the grid, ranks last) and only the judged seeds train at it."""
+    calls = []
+
+    def fake_curve(family, optimizer, lr, schedule, seed, flops_of, eval_every, clip):
+        calls.append((optimizer, lr, seed))
+        best = {"sgd": 1.0, "adamw": 3e-3}[optimizer]
+        final = math.nan if lr == SETTINGS["micro"]["lrs"]["sgd"][0] else 4.0 + abs(math.log(lr / best))
+        return [(0, 0.0, 6.0), (10, 1.0, final)]
+    monkeypatch.setattr(multilevel, "train_curve", fake_curve)
+    s = SETTINGS["micro"]
+    result = multilevel.run(dict(s), lambda message: None)
+    assert result["lrs"] == {"sgd": {name: 1.0 for name in (SINGLE, NESTED, V_CYCLE)},
+                             "adamw": {name: 3e-3 for name in (SINGLE, NESTED, V_CYCLE)}}
+    tuned = [c for c in calls if c[2] == s["tune_seed"]]
+    assert len(tuned) == 3 * 3 * 2 and s["tune_seed"] not in s["seeds"]
+    assert {c[2] for c in calls} - {s["tune_seed"]} == set(s["seeds"]) and result["seeds"] == s["seeds"]
+    assert all(lr == {"sgd": 1.0, "adamw": 3e-3}[opt] for opt, lr, seed in calls if seed != s["tune_seed"])

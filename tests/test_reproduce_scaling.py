@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from xbraid_transformers.app.bench.scaling import (Shape, allreduce_time, configurations, make_layers,
-                                                   measure_world, unit_costs)
+                                                   measure_world, training_iterations, unit_costs)
 from xbraid_transformers.app.reproduce import run_experiment
 from xbraid_transformers.app.reproduce.base import CONFIRMED, CONTRADICTED
-from xbraid_transformers.app.reproduce.scaling import EXPERIMENT, SETTINGS, run, verdict
+from xbraid_transformers.app.reproduce.scaling import EXPERIMENT, SETTINGS, run, tables, verdict
 
 TABLE = json.loads((Path(__file__).parent / "data" / "xbraid_counts.json").read_text())
 TINY = Shape(d_model=8, heads=2, ff=16, batch=1, seq=4)
@@ -41,7 +41,8 @@ def synthetic(depth_speedups=(1.0, 2.0, 3.0), rank_speedups=(0.6, 1.2, 2.4, 4.0)
     data = [dict(data=2 ** i, layer=8 // 2 ** i, batch=16 // 2 ** i, config="L2 m4 F=FCF 1/1", step_s=t * 1e-3,
                  allreduce_s=0.0, time_s=t * 1e-3, gradients=1, counts_match_model=True, serial_full_batch_s=0.01)
             for i, t in enumerate(times)]
-    return {"settings": s, "worlds": worlds, "data_parallel": data}
+    return {"settings": s, "seeds": [], "repetitions": 2, "worlds": worlds, "data_parallel": data,
+            "training_iterations": {"source": "study.json", "rows": []}}
 
 
 def test_verdict_confirms_rising_speedups_and_an_interior_minimum():
@@ -58,6 +59,39 @@ def test_verdict_confirms_rising_speedups_and_an_interior_minimum():
 ])
 def test_verdict_follows_perturbed_numbers(perturbed):
     assert verdict(synthetic(**perturbed)).label == CONTRADICTED
+
+
+def test_every_speedup_says_emulated():
+    result = synthetic()
+    assert "emulated" in EXPERIMENT.title and verdict(result).headline.startswith("emulated speedup")
+    assert verdict(result).evidence.startswith("emulated speedup")
+    headers = [line for line in tables(result).splitlines() if line.startswith("| ") and "speedup" in line]
+    assert len(headers) == 3
+    for header in headers:
+        assert all("emulated" in cell for cell in header.split("|") if "speedup" in cell)
+    assert "not measured again" in tables(result) and "not found" in tables(result)
+
+
+def _study_row(n, p, speedup, levels=2, cfactor=4, relax="F", iters="2/1", link="NVLINK"):
+    return dict(layers=n, ranks=p, levels=levels, cfactor=cfactor, relax=relax, iters=iters, link=link,
+                speedup=speedup, model_speedup=2 * speedup)
+
+
+def test_training_iteration_speedups_are_cited_from_the_study(tmp_path):
+    """The study's best 2/1 NVLink row per (N, P) at P = 8 and at the largest N, with the default
+    hierarchy's beside it; other iterations, links and cells are left out."""
+    rows = [_study_row(128, 8, 1.5), _study_row(128, 8, 2.5, levels=4), _study_row(128, 8, 9.0, iters="1/1"),
+            _study_row(128, 8, 9.0, levels=3, link="INFINIBAND"), _study_row(128, 4, 1.2),
+            _study_row(512, 4, 1.9, cfactor=8), _study_row(512, 8, 3.4, levels=3, cfactor=8)]
+    path = tmp_path / "scaling.json"
+    path.write_text(json.dumps({"provenance": {"commit": "abc1234"}, "rows": rows}))
+    cited = training_iterations(str(path))
+    assert [(r["layers"], r["ranks"], r["speedup"], r["default_speedup"]) for r in cited["rows"]] == [
+        (128, 8, 2.5, 1.5), (512, 4, 1.9, None), (512, 8, 3.4, None)]
+    assert cited["rows"][0]["config"] == "L4 m4 F 2/1" and cited["provenance"]["commit"] == "abc1234"
+    assert training_iterations(str(tmp_path / "absent.json"))["rows"] == []
+    table = tables(dict(synthetic(), training_iterations=cited))
+    assert "| 128 | 8 | L4 m4 F 2/1 | 2.5 | 5 | 1.5 |" in table and "abc1234" in table
 
 
 def test_one_dip_in_a_rising_series_is_tolerated():
@@ -113,6 +147,7 @@ def test_micro_run_counts_the_gradients_and_the_steps(tmp_path):
         assert r["gradients"] == per_layer * n // r["layer"]
         assert r["time_s"] == pytest.approx(r["step_s"] + r["allreduce_s"])
     assert all(r["counts_match_model"] for rows in result["worlds"].values() for r in rows)
+    assert result["seeds"] == [] and result["repetitions"] == result["settings"]["reps"]      # timing, not training
     assert record["verdict"] == verdict(copy.deepcopy(result)).as_dict()
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from xbraid_transformers.app.reproduce import run_experiment
-from xbraid_transformers.app.reproduce.base import CONFIRMED, CONTRADICTED, NOT_MEASURABLE
-from xbraid_transformers.app.reproduce.translation import (EXPERIMENT, SETTINGS, evaluate, load_pairs,
-                                                           make_model)
+from xbraid_transformers.app.reproduce.base import CONFIRMED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURABLE
+from xbraid_transformers.app.reproduce.translation import (EXPERIMENT, SETTINGS, analyse, evaluate, load_pairs,
+                                                           make_model, run_seed)
 from xbraid_transformers.core.layer_parallel import find_stacks
 from xbraid_transformers.data.translation import greedy_bleu, synthetic_pairs
 
@@ -20,39 +20,69 @@ def record(tmp_path_factory):
     return run_experiment(EXPERIMENT, "micro", str(tmp_path_factory.mktemp("translation")))
 
 
-def _with(result, serial, parallel, switched, se):
+def _with(result, serial, parallel, switched):
+    """``result`` with the given final BLEU per seed for each run."""
     out = copy.deepcopy(result)
-    for name, value in (("serial", serial), ("parallel", parallel), ("switched", switched)):
-        out["runs"][name]["final_bleu"] = value
-    out["serial_bleu_se"] = se
+    seed = next(iter(out["per_seed"].values()))
+    out["per_seed"] = {str(i): copy.deepcopy(seed) for i in range(len(serial))}
+    out["seeds"] = list(range(len(serial)))
+    for name, values in (("serial", serial), ("parallel", parallel), ("switched", switched)):
+        for i, value in enumerate(values):
+            out["per_seed"][str(i)]["runs"][name]["final_bleu"] = value
     return out
 
 
-def test_micro_run_records_three_runs_from_one_start(record):
+def test_micro_run_records_the_runs_of_every_seed(record):
     result = record["result"]
-    assert set(result["runs"]) == {"serial", "parallel", "switched"}
+    assert result["seeds"] == SETTINGS["micro"]["seeds"] and set(result["per_seed"]) == {"0", "1"}
     assert EXPERIMENT.verdict(result).as_dict() == record["verdict"]
-    parallel, switched = result["runs"]["parallel"], result["runs"]["switched"]
-    shared = result["switch_step"]
-    # the switched run is the layer-parallel run up to the switch, then its own
-    assert switched["loss"][:shared] == parallel["loss"][:shared]
-    assert switched["loss"][shared:] != parallel["loss"][shared:]
-    # serial and layer-parallel start from the same weights on the same batch: the same first loss
-    assert result["runs"]["serial"]["loss"][0] == pytest.approx(parallel["loss"][0], rel=1e-4)
+    for r in result["per_seed"].values():
+        assert set(r["runs"]) == {"serial", "parallel", "switched"}
+        # serial and layer-parallel start from the same weights on the same batch: the same first loss
+        assert r["runs"]["serial"]["loss"][0] == pytest.approx(r["runs"]["parallel"]["loss"][0], rel=1e-4)
+        assert len(r["runs"]["switched"]["loss"]) == SETTINGS["micro"]["steps"]
+    # the seed changes the initial weights
+    first = [r["runs"]["serial"]["loss"][0] for r in result["per_seed"].values()]
+    assert first[0] != first[1]
+
+
+@pytest.mark.parametrize("threshold", [1e-12, 1e12])
+def test_the_switch_is_made_at_the_first_probe_whose_rho_exceeds_the_threshold(threshold):
+    s = dict(SETTINGS["micro"], steps=12, probe_every=4, threshold=threshold)
+    pairs = load_pairs(s)
+    out = run_seed(pairs, s, seed=0)
+    parallel, switched = out["runs"]["parallel"], out["runs"]["switched"]
+    assert [p[0] for p in parallel["probes"]] == [0, 4, 8]         # probed all along
+    if threshold < 1:            # rho > 1e-12 at the first probe (step 0): switch before step 1
+        assert out["switch_step"] == 1 and all(p[1] > threshold for p in parallel["probes"])
+        assert switched["loss"][:1] == parallel["loss"][:1]          # the shared part
+        assert switched["loss"][1:] != parallel["loss"][1:]          # serial after the switch
+    else:                        # never: the controller never switches, switched is layer-parallel
+        assert out["switch_step"] is None and switched["loss"] == parallel["loss"]
 
 
 def test_verdict_follows_the_numbers(record):
     verdict = EXPERIMENT.verdict
     result = record["result"]
     # serial has not learnt to translate: nothing to compare
-    assert verdict(_with(result, 1.5, 1.5, 1.5, 0.1)).label == NOT_MEASURABLE
-    # within the absolute tolerance of 1 BLEU (a higher BLEU is never held against a run)
-    assert verdict(_with(result, 20.0, 19.2, 25.0, 0.1)).label == CONFIRMED
-    assert verdict(_with(result, 20.0, 18.5, 20.0, 0.1)).label == CONTRADICTED
-    assert verdict(_with(result, 20.0, 20.0, 18.5, 0.1)).label == CONTRADICTED
-    # a noisier serial BLEU widens the tolerance to twice its standard error
-    assert verdict(_with(result, 20.0, 17.0, 17.0, 2.0)).label == CONFIRMED
-    assert verdict(_with(result, 20.0, 17.0, 17.0, 1.0)).label == CONTRADICTED
+    assert verdict(_with(result, [1.5, 1.6, 1.4], [1.5] * 3, [1.5] * 3)).label == NOT_MEASURABLE
+    # within the 1-BLEU floor of the tolerance (a higher BLEU is never held against the run)
+    assert verdict(_with(result, [20.0] * 3, [15.0] * 3, [19.3, 19.2, 19.4])).label == CONFIRMED
+    assert verdict(_with(result, [20.0] * 3, [20.0] * 3, [25.0, 26.0, 24.0])).label == CONFIRMED
+    # short of serial by more than the tolerance in every seed
+    assert verdict(_with(result, [20.0] * 3, [20.0] * 3, [18.5, 18.4, 18.6])).label == CONTRADICTED
+    # short on average but the seeds disagree: within the noise
+    assert verdict(_with(result, [20.0] * 3, [20.0] * 3, [16.0, 21.0, 18.0])).label == INCONCLUSIVE
+    # pure layer-parallel is reported, not judged
+    assert verdict(_with(result, [20.0] * 3, [10.0] * 3, [20.0] * 3)).label == CONFIRMED
+
+
+def test_tolerance_is_twice_serials_seed_spread():
+    result = {"per_seed": {str(i): {"runs": {n: {"final_bleu": b} for n in ("serial", "parallel", "switched")}}
+                           for i, b in enumerate([18.0, 20.0, 22.0])}}
+    assert analyse(result)["tolerance"] == pytest.approx(4.0)     # 2 x SD 2
+    result["per_seed"] = {k: v for k, v in result["per_seed"].items() if k == "0"}
+    assert analyse(result)["tolerance"] == 1.0                    # one seed: the floor
 
 
 class _Parrot:

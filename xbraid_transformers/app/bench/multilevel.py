@@ -25,6 +25,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from ...multilevel import MultilevelSchedule, MultilevelStepper, Phase, coarse_view
 
+__all__ = ["VIEWS", "Family", "batch_loss", "gpt_family", "vit_family", "FAMILIES", "step_flops",
+           "view_flops", "make_optimizer", "run", "train_curve", "to_target", "schedules", "ratio",
+           "measure"]
+
 VIEWS = ((1, 0), (2, 0), (2, 1), (4, 0))
 
 
@@ -202,6 +206,14 @@ def run(model, optimizer, loss_on, schedule, val_loss, flops_of, eval_every, cli
     return curve
 
 
+def train_curve(family: Family, optimizer: str, lr: float, schedule, seed: int, flops_of, eval_every, clip):
+    """``run`` of a fresh model of ``family`` seeded ``seed``, trained by ``optimizer`` at ``lr``
+    on that seed's batches: the curve of (cumulative FLOPs, seconds, validation loss)."""
+    model = family.make(seed)
+    opt = make_optimizer(optimizer, model.parameters(), {optimizer: lr})
+    return run(model, opt, family.train_batch(seed), schedule, family.val_loss, flops_of, eval_every, clip)
+
+
 def to_target(curve, target):
     """(FLOPs, seconds) at the first evaluation at or below ``target``; (None, None) if none."""
     for flops, seconds, loss in curve[1:]:   # the untrained model does not count
@@ -261,10 +273,8 @@ def measure(families: Dict[str, Family], optimizers: Iterable[str], seeds: int, 
             curves = {}
             for name, schedule in chosen.items():
                 for seed in range(seeds):
-                    model = family.make(seed)
-                    optimizer = make_optimizer(opt_name, model.parameters(), family.lrs)
-                    curves[(name, seed)] = run(model, optimizer, family.train_batch(seed), schedule,
-                                               family.val_loss, flops_of, eval_every or phase, clip)
+                    curves[(name, seed)] = train_curve(family, opt_name, family.lrs[opt_name], schedule, seed,
+                                                       flops_of, eval_every or phase, clip)
                 progress(f"multilevel: {family_name} {opt_name} {name} done")
             target = max(curves[("single-level", s)][-1][2] for s in range(seeds))
             base = [to_target(curves[("single-level", s)], target) for s in range(seeds)]

@@ -30,6 +30,9 @@ from ...mgrit.clock import LinkModel
 from ...mgrit.config import MGRITConfig
 from .scaling import Shape, configurations, make_layers, unit_costs
 
+__all__ = ["SCHEDULES", "ResidualStage", "loss_fn", "pipeline_gradients", "real_worker",
+           "micro_batch_costs", "proportional_costs", "priced_rows"]
+
 SCHEDULES = ("GPipe", "1F1B")
 
 

@@ -12,10 +12,12 @@ be inflated by other load, never deflated.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +27,10 @@ from ...core.layer_parallel import LayerParallel
 from ...core.ownership import partition_layers
 from ...mgrit.config import MGRITConfig
 from ...perf import INFINIBAND, NVLINK, cost_model, emulate
+
+__all__ = ["LINKS", "Shape", "make_layers", "configurations", "timed_steps", "serial_step_time",
+           "world_sweep", "unit_costs", "label", "measure_world", "priced_counts", "step_inflation",
+           "best_rows", "allreduce_time", "STUDY", "TRAINING_ITERS", "training_iterations"]
 
 LINKS = {"NVLINK": NVLINK, "INFINIBAND": INFINIBAND}
 
@@ -261,3 +267,28 @@ def allreduce_time(numel: int, ranks: int, link: str = "NVLINK", reps: int = 3) 
         return times
 
     return min(max(per_rep) for per_rep in zip(*emulate(rank, ranks, link=LINKS[link])))
+
+
+# the scaling study's re-run at the iteration counts training uses: cited, not measured again
+STUDY = os.path.join("benchmarks", "results", "scaling.json")
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+TRAINING_ITERS, DEFAULT_HIERARCHY = "2/1", (2, 4, "F")
+
+
+def training_iterations(path: Optional[str] = None) -> dict:
+    """The study's best emulated speedups with 2 forward / 1 backward iterations, and the default
+    hierarchy's (2 levels, cfactor 4, F-relaxation), at P = 8 and at the largest N (``path``: the
+    study's JSON, by default the repository's)."""
+    path = path or os.path.join(_ROOT, STUDY)
+    if not os.path.exists(path):
+        return {"source": STUDY, "missing": True, "rows": []}
+    with open(path, encoding="utf-8") as handle:
+        study = json.load(handle)
+    best = best_rows(study["rows"], TRAINING_ITERS)
+    largest = max(n for n, _ in best)
+    default = {(r["layers"], r["ranks"]): r for r in study["rows"] if r["iters"] == TRAINING_ITERS
+               and r["link"] == "NVLINK" and (r["levels"], r["cfactor"], r["relax"]) == DEFAULT_HIERARCHY}
+    return {"source": STUDY, "provenance": study.get("provenance"), "rows": [
+        dict(layers=n, ranks=p, config=label(r), speedup=r["speedup"], model_speedup=r["model_speedup"],
+             default_speedup=default[(n, p)]["speedup"] if (n, p) in default else None)
+        for (n, p), r in sorted(best.items()) if p == 8 or n == largest]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -18,10 +19,19 @@ import torch
 
 from ...core.layer_parallel import find_stacks
 from ...data.sources import DataSourceMissing
+from ...formatting import format_number
 from ...mgrit.config import MGRITConfig
 from ...models import GPT, GPTConfig, ParallelConfig
 
-CONFIRMED, CONTRADICTED, NOT_MEASURABLE = "confirmed", "contradicted", "not measurable at this scale"
+__all__ = ["CONFIRMED", "CONTRADICTED", "INCONCLUSIVE", "NOT_MEASURABLE", "MODES", "Verdict",
+           "Experiment", "combine", "answer", "answers", "measurable", "Spread", "sign",
+           "within", "seed_tolerance", "per_seed", "text_data", "unigram_loss",
+           "frequency_loss", "make_gpt", "step_generator", "batch", "optimizer_step", "train",
+           "exact_network", "validation_batch", "eval_loss", "solve_histories", "last_factor",
+           "mean_factor", "one_thread", "fmt", "markdown", "trailing_mean"]
+
+CONFIRMED, CONTRADICTED, INCONCLUSIVE = "confirmed", "contradicted", "inconclusive"
+NOT_MEASURABLE = "not measurable at this scale"
 MODES = ("micro", "quick", "full")
 
 
@@ -55,17 +65,89 @@ class Experiment:
 
 
 def combine(checks) -> str:
-    """One verdict from several checks (True, False, or None for not measurable): contradicted
-    when any fails, not measurable when none fails but one could not be measured, else
-    confirmed."""
+    """One verdict from several checks (True, False, ``INCONCLUSIVE`` for an effect within the
+    noise, or None for not measurable): contradicted when any fails, not measurable when none
+    fails but one could not be measured, inconclusive when the rest hold but one is within the
+    noise, else confirmed."""
     checks = list(checks)
     if any(c is False for c in checks):
         return CONTRADICTED
-    return NOT_MEASURABLE if any(c is None for c in checks) else CONFIRMED
+    if any(c is None for c in checks):
+        return NOT_MEASURABLE
+    return INCONCLUSIVE if any(c == INCONCLUSIVE for c in checks) else CONFIRMED
 
 
 def answer(check) -> str:
+    if check == INCONCLUSIVE:
+        return "within the noise"
     return {True: "yes", False: "no", None: "not measurable"}[check]
+
+
+# ---------------------------------------------------------------------------- noise over seeds
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (the normal's beyond)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Per-seed values, their mean and the 95% t-interval of the mean (no interval from one
+    value: ``low`` and ``high`` are nan)."""
+
+    values: tuple
+    mean: float
+    sd: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values) -> "Spread":
+        values = tuple(float(v) for v in values if v is not None and math.isfinite(v))
+        if not values:
+            return cls((), math.nan, math.nan, math.nan, math.nan)
+        mean = statistics.fmean(values)
+        if len(values) < 2:
+            return cls(values, mean, math.nan, math.nan, math.nan)
+        sd = statistics.stdev(values)
+        freedom = len(values) - 1
+        half = (_T975[freedom - 1] if freedom <= len(_T975) else 1.96) * sd / math.sqrt(len(values))
+        return cls(values, mean, sd, mean - half, mean + half)
+
+    def __str__(self) -> str:
+        if math.isnan(self.low):
+            return f"{fmt(self.mean)} ({len(self.values)} seed)"
+        return f"{fmt(self.mean)} [{fmt(self.low)}, {fmt(self.high)}]"
+
+
+def sign(differences) -> object:
+    """Is the mean of the per-seed ``differences`` above zero beyond the noise? True when the
+    95% interval of their mean lies above 0, False when it lies below, ``INCONCLUSIVE`` when it
+    holds 0 (ties included) or there are fewer than two values."""
+    spread = Spread.of(differences)
+    if math.isnan(spread.low) or spread.low <= 0 <= spread.high:
+        return INCONCLUSIVE
+    return spread.low > 0
+
+
+def within(differences, tolerance_: float) -> object:
+    """Do the per-seed ``differences`` (ours minus the reference) stay within ``tolerance_``? An
+    equivalence test: True when the whole 95% interval of their mean lies inside
+    [-tolerance_, tolerance_]; False when it lies wholly outside (a real difference, larger than
+    the tolerance); ``INCONCLUSIVE`` otherwise, and from fewer than two values."""
+    spread = Spread.of(differences)
+    if math.isnan(spread.low):
+        return INCONCLUSIVE
+    if -tolerance_ <= spread.low and spread.high <= tolerance_:
+        return True
+    return False if spread.low > tolerance_ or spread.high < -tolerance_ else INCONCLUSIVE
+
+
+def seed_tolerance(serial_values, floor: float = 0.0) -> float:
+    """The tolerance that serial training's own seed spread sets: twice the sample standard
+    deviation of its per-seed values, at least ``floor`` (0 from one seed)."""
+    values = [v for v in serial_values if v is not None and math.isfinite(v)]
+    return max(floor, 2 * statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 # ---------------------------------------------------------------------------- the GPT set-up
@@ -146,11 +228,17 @@ def exact_network(model):
         model.train()
 
 
+def validation_batch(data, s: dict, index: int):
+    """Validation batch ``index``: the same for every seed, so that the seeds' spread is training
+    noise and not a different sample of held-out text."""
+    return data.get_batch("val", s["batch_size"], s["seq_len"],
+                          generator=torch.Generator().manual_seed(10_000 + index))
+
+
 def eval_loss(model, data, s: dict, batches: int) -> float:
     """Mean loss of the exact network over fixed validation batches."""
     with exact_network(model):
-        return sum(model(*batch(data, s, 10_000 + i, "val"))[1].item()
-                   for i in range(batches)) / batches
+        return sum(model(*validation_batch(data, s, i))[1].item() for i in range(batches)) / batches
 
 
 def solve_histories(model, inputs, iters: int, **options) -> dict:
@@ -177,11 +265,8 @@ def last_factor(residuals: List[float]) -> float:
 
 
 def fmt(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
+    """The reports' numbers: ``digits`` significant digits, "-" for none."""
+    return format_number(x, digits)
 
 
 def markdown(header: List[str], rows: List[list]) -> str:
@@ -194,3 +279,56 @@ def trailing_mean(values: List[float], window: int) -> List[float]:
     """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
     return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
             for i in range(len(values))]
+
+
+def per_seed(s: dict):
+    """``(seed, settings)`` for each seed in ``s["seeds"]``: the settings with ``"seed"`` set, so
+    that ``make_gpt`` and ``batch`` give that seed's initialisation and batch order."""
+    for seed in s["seeds"]:
+        yield seed, dict(s, seed=seed)
+
+
+def unigram_loss(data) -> float:
+    """The validation loss of predicting every token by its training-split frequency: the loss a
+    model reaches by learning the character frequencies and no context, so a run whose eval loss
+    stays above it has not trained."""
+    return frequency_loss(torch.tensor(data.splits["train"], dtype=torch.long),
+                          torch.tensor(data.splits["val"], dtype=torch.long), data.vocab_size)
+
+
+def frequency_loss(train: torch.Tensor, val: torch.Tensor, vocab_size: int) -> float:
+    """Cross-entropy on the tokens ``val`` of predicting each by its (add-one smoothed) frequency
+    in ``train``."""
+    counts = torch.bincount(train, minlength=vocab_size).double() + 1
+    return float(-(counts / counts.sum()).log()[val].mean())
+
+
+def measurable(preconditions: Dict[str, bool], checks: Dict[str, object]) -> str:
+    """Not measurable when a precondition computed from the measurements fails (a run did not
+    train, the regime is not the claim's), whatever the checks say; else ``combine(checks)``."""
+    return combine(checks.values()) if all(preconditions.values()) else NOT_MEASURABLE
+
+
+def mean_factor(residuals: List[float]) -> float:
+    """The mean residual reduction per iteration, (last / first) ** (1 / (n - 1)): an average rho
+    that, unlike ``last_factor``, does not read round-off once the solve has converged."""
+    if len(residuals) < 2 or not residuals[0] > 0:
+        return math.nan
+    return (residuals[-1] / residuals[0]) ** (1 / (len(residuals) - 1))
+
+
+def answers(checks: Dict[str, object]) -> str:
+    """Each check with its answer, for a verdict's evidence."""
+    return ", ".join(f"{name}: {answer(check)}" for name, check in checks.items())
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside the block (restored after it): on a shared machine a second
+    thread of a small model's matmuls mostly waits for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

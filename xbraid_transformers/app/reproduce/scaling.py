@@ -13,12 +13,15 @@ from typing import Optional
 
 import numpy as np
 
-from ..bench.scaling import (Shape, allreduce_time, configurations, label, make_layers, measure_world,
-                             serial_step_time, unit_costs)
+from ..bench.scaling import (TRAINING_ITERS, Shape, allreduce_time, configurations, label, make_layers,
+                             measure_world, serial_step_time, training_iterations, unit_costs)
 from ...core.blocks import encoder_rhs
 from ...core.layer_parallel import LayerParallel
 from ..report import figure
-from .base import Experiment, Verdict, answer, combine, fmt, markdown
+from .base import Experiment, Verdict, answer, combine, fmt, markdown, one_thread
+
+__all__ = ["EXPERIMENT", "SETTINGS", "run", "rank_correlation", "rises", "interior_minimum", "tables", "plot",
+           "verdict"]
 
 COMMON = dict(d_model=32, heads=2, ff=64, seq=16, batch=2, seed=0, link="NVLINK", series_levels=[2, 3],
               cfactors=[2, 4, 8], rise=1.2, rank_correlation=0.5, interior_margin=0.05)
@@ -74,18 +77,13 @@ def _speedup_worlds(s, progress) -> dict:
     return worlds
 
 
-def _best(rows, levels):
-    return max((r for r in rows if r["levels"] in levels), key=lambda r: r["speedup"])
-
-
 def _data_parallel(s, progress) -> list:
     """Time per batch of d data groups x P/d layer ranks, for every power of two d <= P."""
     n, p, batch, seq = (s["data"][k] for k in ("layers", "ranks", "batch", "seq"))
     layers = make_layers(n, _shape(s))
     params_per_layer = sum(q.numel() for q in layers[0].parameters())
     out, serial_full_batch = [], None
-    d = 1
-    while d <= p:
+    for d in (2 ** i for i in range(p.bit_length())):      # p is a power of two
         q, shape = p // d, _shape(s, batch // d, seq)
         x = shape.input(s["seed"])
         if q == 1:      # a one-rank layer group runs the serial network
@@ -103,32 +101,30 @@ def _data_parallel(s, progress) -> list:
         out.append(dict(data=d, layer=q, batch=batch // d, config=config, step_s=step, allreduce_s=reduce,
                         time_s=step + reduce, gradients=gradients, counts_match_model=counts_match))
         progress(f"scaling: data {d} x layer {q}: {1e3 * (step + reduce):.1f} ms per batch")
-        d *= 2
     for row in out:
         row["serial_full_batch_s"] = serial_full_batch
     return out
 
 
-def _check_data_split(data: dict) -> None:
+def run(s: dict, progress) -> dict:
+    data = s["data"]
     if data["ranks"] & (data["ranks"] - 1) or data["batch"] % data["ranks"]:
         raise ValueError(f"the layer x data split needs a power-of-two number of ranks that divides the "
                          f"batch; got {data['ranks']} ranks and batch {data['batch']}")
-
-
-def run(s: dict, progress) -> dict:
-    _check_data_split(s["data"])
-    return {"settings": s, "worlds": _speedup_worlds(s, progress), "data_parallel": _data_parallel(s, progress)}
+    # timing, not training: no seeds; each time is the least of ``reps`` repetitions after a warm-up.
+    # One torch thread, as each emulated rank has: under load a second one inflates thread CPU time
+    with one_thread():
+        return {"settings": s, "seeds": [], "repetitions": s["reps"], "worlds": _speedup_worlds(s, progress),
+                "data_parallel": _data_parallel(s, progress), "training_iterations": training_iterations()}
 
 
 # ---------------------------------------------------------------------------- the analysis
-def _depth_series(result):
+def _series(result, by_depth: bool):
+    """The best row at each depth (P fixed) or at each rank count (N fixed)."""
     s = result["settings"]
-    return [_best(result["worlds"][f"{n}/{s['depth_ranks']}"], s["series_levels"]) for n in s["depths"]]
-
-
-def _rank_series(result):
-    s = result["settings"]
-    return [_best(result["worlds"][f"{s['ranks_layers']}/{p}"], s["series_levels"]) for p in s["ranks"]]
+    cells = [(n, s["depth_ranks"]) for n in s["depths"]] if by_depth else [(s["ranks_layers"], p) for p in s["ranks"]]
+    return [max((r for r in result["worlds"][f"{n}/{p}"] if r["levels"] in s["series_levels"]),
+                key=lambda r: r["speedup"]) for n, p in cells]
 
 
 def rank_correlation(xs, ys) -> float:
@@ -157,16 +153,14 @@ def interior_minimum(data, s) -> Optional[bool]:
 
 def _checks(result):
     s = result["settings"]
-    depth, ranks = _depth_series(result), _rank_series(result)
-    return {
-        "speedup rises with depth": rises(s["depths"], [r["speedup"] for r in depth], s),
-        "speedup rises with ranks": rises(s["ranks"], [r["speedup"] for r in ranks], s),
-        "time per batch has an interior minimum in d": interior_minimum(result["data_parallel"], s),
-    }
+    depth, ranks = _series(result, True), _series(result, False)
+    return {"speedup rises with depth": rises(s["depths"], [r["speedup"] for r in depth], s),
+            "speedup rises with ranks": rises(s["ranks"], [r["speedup"] for r in ranks], s),
+            "time per batch has an interior minimum in d": interior_minimum(result["data_parallel"], s)}
 
 
 def _series_table(rows, key):
-    return markdown([key, "best configuration", "serial (ms)", "parallel (ms)", "speedup", "cost model",
+    return markdown([key, "best configuration", "serial (ms)", "parallel (ms)", "emulated speedup", "cost model",
                      "calibrated"],
                     [[r["layers" if key == "N" else "ranks"], r["config"], 1e3 * r["serial_s"], 1e3 * r["parallel_s"],
                       r["speedup"], r["model_speedup"], r["calibrated_speedup"]] for r in rows])
@@ -180,9 +174,7 @@ def tables(result: dict) -> str:
                                         f"({fmt(grid[(levels, m)]['model_speedup'])})"
                                         if (levels, m) in grid else "-" for m in s["cfactors"]]]
                  for levels in s["grid_levels"]]
-    runs = [r for rows in result["worlds"].values() for r in rows]
-    data = result["data_parallel"]
-    dp = s["data"]
+    runs, data, dp = [r for rows in result["worlds"].values() for r in rows], result["data_parallel"], s["data"]
     return "\n\n".join([
         f"Encoder layers d_model {s['d_model']} ({s['heads']} heads, FF {s['ff']}), batch {s['batch']} x "
         f"{s['seq']} tokens; emulated ranks (threads, one torch thread each, CPU-time clocks, "
@@ -191,16 +183,17 @@ def tables(result: dict) -> str:
         f"levels {s['series_levels']} x cfactor {s['cfactors']}. `cost model`: step counts (a forward "
         f"step 1, an adjoint step 2); `calibrated`: the same critical path priced with this machine's "
         f"measured step costs. Cost-model counts equal the measured counts on every rank in "
-        f"{sum(r['counts_match_model'] for r in runs)} of {len(runs)} runs.",
-        f"Speedup vs depth N at P = {s['depth_ranks']} (Fig. 6):",
-        _series_table(_depth_series(result), "N"),
-        f"Speedup vs ranks P at N = {s['ranks_layers']} (Fig. 7):",
-        _series_table(_rank_series(result), "P"),
-        f"Speedup vs levels and cfactor at N = {n}, P = {p} (Fig. 8; cost model in brackets):",
+        f"{sum(r['counts_match_model'] for r in runs)} of {len(runs)} runs. Every speedup here is emulated "
+        f"(virtual time of threads on this CPU), none a GPU's; no training seeds: timing, the least of "
+        f"{result['repetitions']} repetitions.",
+        f"Emulated speedup vs depth N at P = {s['depth_ranks']} (Fig. 6):",
+        _series_table(_series(result, True), "N"),
+        f"Emulated speedup vs ranks P at N = {s['ranks_layers']} (Fig. 7):",
+        _series_table(_series(result, False), "P"),
+        f"Emulated speedup vs levels and cfactor at N = {n}, P = {p} (Fig. 8; cost model in brackets):",
         markdown(["", *[f"cfactor {m}" for m in s["cfactors"]]], grid_rows),
         f"Layer x data parallel on P = {dp['ranks']} ranks, N = {dp['layers']}, global batch {dp['batch']} x "
-        f"{dp['seq']} tokens "
-        f"(Fig. 9): d data groups of P/d layer ranks; each group a layer-parallel step (best "
+        f"{dp['seq']} tokens (Fig. 9): d data groups of P/d layer ranks; each group a layer-parallel step (best "
         f"configuration; the serial network when P/d = 1) on batch {dp['batch']}/d, then the "
         f"all-reduce of the largest rank's gradients over d ranks priced by the same link model "
         f"(the emulated communicator forms no sub-groups). Longer sequences than above, so that a "
@@ -208,61 +201,66 @@ def tables(result: dict) -> str:
         f"batch of 2 costs this CPU nearly as much as one of 16). Serial step of the whole batch on one rank: "
         f"{fmt(1e3 * data[0]['serial_full_batch_s'])} ms.",
         markdown(["d", "P/d", "batch per group", "configuration", "step (ms)", "all-reduce (ms)",
-                  "time per batch (ms)", "speedup vs one rank"],
+                  "time per batch (ms)", "emulated speedup vs one rank"],
                  [[r["data"], r["layer"], r["batch"], r["config"], 1e3 * r["step_s"], 1e3 * r["allreduce_s"],
                    1e3 * r["time_s"], r["serial_full_batch_s"] / r["time_s"]] for r in data]),
+        _training_table(result["training_iterations"]),
     ])
+
+
+def _training_table(cited: dict) -> str:
+    commit = (cited.get("provenance") or {}).get("commit", "unknown")
+    head = (f"Emulated speedups at the iteration counts training uses ({TRAINING_ITERS} forward / backward "
+            f"iterations, F-relaxation), cited from the scaling study's re-run (`{cited['source']}` and "
+            f"`scaling.md`, commit `{commit}`), not measured again")
+    return head + (": the file was not found when this ran." if not cited["rows"] else
+                   "; best over levels 2-4 and cfactor 2/4/8, and the default hierarchy:\n\n"
+                   + markdown(["N", "P", "best configuration", "emulated speedup", "cost model", "default L2 m4 F"],
+                              [[r["layers"], r["ranks"], r["config"], r["speedup"], r["model_speedup"],
+                                r["default_speedup"]] for r in cited["rows"]]))
 
 
 def plot(result: dict, path: str) -> None:
     s = result["settings"]
-    n, p = s["grid"]
-    data = result["data_parallel"]
+    (n, p), data = s["grid"], result["data_parallel"]
     with figure(path, dpi=90, ncols=4, figsize=(15, 3.6)) as (fig, axes):
-        for ax, rows, xs, name in (
-                (axes[0], _depth_series(result), s["depths"], f"depth N (P = {s['depth_ranks']})"),
-                (axes[1], _rank_series(result), s["ranks"], f"ranks P (N = {s['ranks_layers']})")):
-            ax.plot(xs, [r["speedup"] for r in rows], "o-", label="measured")
+        for ax, rows, xs in ((axes[0], _series(result, True), s["depths"]),
+                             (axes[1], _series(result, False), s["ranks"])):
+            ax.plot(xs, [r["speedup"] for r in rows], "o-", label="measured (emulated)")
             ax.plot(xs, [r["model_speedup"] for r in rows], ":", label="cost model")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel(name)
-            ax.set_ylabel("speedup")
-            ax.legend(fontsize=7)
         for levels in s["grid_levels"]:
             rows = sorted((r for r in result["worlds"][f"{n}/{p}"] if r["levels"] == levels),
                           key=lambda r: r["cfactor"])
-            axes[2].plot([r["cfactor"] for r in rows], [r["speedup"] for r in rows], "o-",
-                         label=f"{levels} levels")
-        axes[2].set_xscale("log", base=2)
-        axes[2].set_xlabel(f"cfactor (N = {n}, P = {p})")
-        axes[2].set_ylabel("speedup")
-        axes[2].legend(fontsize=7)
+            axes[2].plot([r["cfactor"] for r in rows], [r["speedup"] for r in rows], "o-", label=f"{levels} levels")
         axes[3].plot([r["data"] for r in data], [1e3 * r["time_s"] for r in data], "o-", label="time per batch")
         axes[3].plot([r["data"] for r in data], [1e3 * r["allreduce_s"] for r in data], "s:", label="all-reduce")
-        axes[3].set_xscale("log", base=2)
-        axes[3].set_xlabel(f"data degree d (P = {s['data']['ranks']})")
-        axes[3].set_ylabel("virtual ms")
-        axes[3].legend(fontsize=7)
+        for ax, x, y in zip(axes, (f"depth N (P = {s['depth_ranks']})", f"ranks P (N = {s['ranks_layers']})",
+                                   f"cfactor (N = {n}, P = {p})", f"data degree d (P = {s['data']['ranks']})"),
+                            ("emulated speedup",) * 3 + ("virtual ms",)):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(x)
+            ax.set_ylabel(y)
+            ax.legend(fontsize=7)
 
 
 def verdict(result: dict) -> Verdict:
     s = result["settings"]
     checks = _checks(result)
-    depth, ranks = _depth_series(result), _rank_series(result)
+    depth, ranks = _series(result, True), _series(result, False)
     data = result["data_parallel"]
     return Verdict(
         combine(checks.values()),
-        f"confirmed when all hold: at P = {s['depth_ranks']} the best speedup at the largest depth is "
+        f"confirmed when all hold: at P = {s['depth_ranks']} the best emulated speedup at the largest depth is "
         f"at least {s['rise']}x that at the smallest and its rank correlation with depth is at least "
         f"{s['rank_correlation']}; the same for the speedup against P at N = {s['ranks_layers']}; and the "
         f"least time per batch over the data degrees d of P = {s['data']['ranks']} ranks lies at an "
         f"interior d, at least {s['interior_margin']:.0%} below both d = 1 and d = P. Levels and cfactor "
         f"are reported, not judged",
-        "speedup vs N " + ", ".join(f"{r['layers']}: {fmt(r['speedup'])}x" for r in depth)
+        "emulated speedup vs N " + ", ".join(f"{r['layers']}: {fmt(r['speedup'])}x" for r in depth)
         + "; vs P " + ", ".join(f"{r['ranks']}: {fmt(r['speedup'])}x" for r in ranks)
         + "; time per batch vs d " + ", ".join(f"{r['data']}: {fmt(1e3 * r['time_s'])} ms" for r in data)
         + "; " + ", ".join(f"{k}: {answer(v)}" for k, v in checks.items()),
-        f"speedup {fmt(depth[0]['speedup'])}x -> {fmt(depth[-1]['speedup'])}x for N {s['depths'][0]} -> "
+        f"emulated speedup {fmt(depth[0]['speedup'])}x -> {fmt(depth[-1]['speedup'])}x for N {s['depths'][0]} -> "
         f"{s['depths'][-1]} (P = {s['depth_ranks']}), {fmt(ranks[0]['speedup'])}x -> "
         f"{fmt(ranks[-1]['speedup'])}x for P {s['ranks'][0]} -> {s['ranks'][-1]} (N = {s['ranks_layers']}); "
         f"time per batch least at d = {min(data, key=lambda r: r['time_s'])['data']} of "
@@ -270,7 +268,7 @@ def verdict(result: dict) -> Verdict:
 
 
 EXPERIMENT = Experiment(
-    name="scaling", title="Scaling: speedup vs depth, ranks, levels, cfactor; layer x data parallel",
+    name="scaling", title="Scaling: emulated speedup vs depth, ranks, levels, cfactor; layer x data parallel",
     claim="Layer-parallel paper, Figs. 6-8: the speedup of layer-parallel training over serial "
           "training grows with the network's depth (32 to 256 layers), with the number of GPUs, "
           "and with the MGRIT levels and coarsening factor, reaching roughly 3x on 8 GPUs for deep "

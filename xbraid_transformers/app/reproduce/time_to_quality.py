@@ -32,6 +32,11 @@ from ..tasks import TASKS
 from .base import Experiment, Verdict, fmt, markdown
 from .indicator import micro_text
 
+__all__ = ["PAPER", "SETTINGS", "FAMILY_TITLES", "is_default", "default_policy",
+           "option_values", "cell_policies", "run_cells", "run_cross_check", "run", "speedup",
+           "analyse", "summarise", "checks", "tables", "title", "headline", "plot", "verdict",
+           "EXPERIMENT"]
+
 # what each policy sets beyond the defaults (the option names of ``app.defaults``)
 POLICIES: Dict[str, dict] = {
     "serial": dict(mode="serial"),
@@ -170,7 +175,7 @@ def run(s: dict, progress) -> dict:
         paths = {name: micro_text(tmp) if f.get("data") == "micro-text" else None
                  for name, f in s["families"].items()}
         cells = run_cells(s, list(s["families"]), paths, progress) + run_cross_check(s, paths, progress)
-    return {"settings": s, "cells": cells, "default_policy": default_policy()}
+    return {"settings": s, "seeds": list(s["seeds"]), "cells": cells, "default_policy": default_policy()}
 
 
 # ---------------------------------------------------------------------------- the analysis
