@@ -18,7 +18,7 @@ from ..bench.scaling import (TRAINING_ITERS, Shape, allreduce_time, configuratio
 from ...core.blocks import encoder_rhs
 from ...core.layer_parallel import LayerParallel
 from ..report import figure
-from .base import Experiment, Verdict, answer, combine, fmt, markdown, one_thread
+from .base import Experiment, Verdict, answers, combine, fmt, markdown, one_thread
 
 __all__ = ["EXPERIMENT", "SETTINGS", "run", "rank_correlation", "rises", "interior_minimum", "tables", "plot",
            "verdict"]
@@ -259,7 +259,7 @@ def verdict(result: dict) -> Verdict:
         "emulated speedup vs N " + ", ".join(f"{r['layers']}: {fmt(r['speedup'])}x" for r in depth)
         + "; vs P " + ", ".join(f"{r['ranks']}: {fmt(r['speedup'])}x" for r in ranks)
         + "; time per batch vs d " + ", ".join(f"{r['data']}: {fmt(1e3 * r['time_s'])} ms" for r in data)
-        + "; " + ", ".join(f"{k}: {answer(v)}" for k, v in checks.items()),
+        + "; " + answers(checks),
         f"emulated speedup {fmt(depth[0]['speedup'])}x -> {fmt(depth[-1]['speedup'])}x for N {s['depths'][0]} -> "
         f"{s['depths'][-1]} (P = {s['depth_ranks']}), {fmt(ranks[0]['speedup'])}x -> "
         f"{fmt(ranks[-1]['speedup'])}x for P {s['ranks'][0]} -> {s['ranks'][-1]} (N = {s['ranks_layers']}); "
